@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` (table, JSON, plot) and pytest-benchmark suites (test_*.py)."""

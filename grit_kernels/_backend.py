@@ -1,0 +1,111 @@
+"""Backend selection, shared by every op in ``grit_kernels/ops``.
+
+Three backends (see DESIGN.md, Backends):
+
+* ``cuda``   - the pybind11 module ``grit_kernels._C`` built from ``csrc/``. On CUDA tensors
+  it launches the CUDA kernels; on CPU tensors it runs the host build of the same
+  ``__host__ __device__`` per-row code (that is how CPU tests reach csrc's arithmetic).
+* ``triton`` - the Triton kernels in ``grit_kernels/triton``. Needs CUDA tensors, or CPU
+  tensors under ``TRITON_INTERPRET=1``.
+* ``torch``  - the plain-PyTorch oracles in ``grit_kernels/reference``.
+
+The choice is made per call from the tensors' device and what is available, unless the
+environment variable ``GRIT_BACKEND`` forces one. Nothing here touches ``torch.cuda`` or
+compiles anything at import time: ``_C`` and ``triton`` are imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when ``GRIT_BACKEND`` forces a backend that cannot run these tensors."""
+
+
+@functools.lru_cache(maxsize=None)
+def _load_C():
+    """The compiled module, or the reason it is absent (a string)."""
+    try:
+        return importlib.import_module("grit_kernels._C")
+    except ImportError as e:  # not built (no nvcc, GRIT_SKIP_CUDA_BUILD=1) or broken
+        return f"grit_kernels._C could not be imported ({e})"
+
+
+def C():
+    """The compiled ``_C`` module; raises BackendUnavailableError if it was not built."""
+    mod = _load_C()
+    if isinstance(mod, str):
+        raise BackendUnavailableError(mod + "; reinstall with nvcc on PATH to build it")
+    return mod
+
+
+def has_C() -> bool:
+    return not isinstance(_load_C(), str)
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def forced() -> str | None:
+    """The backend forced by ``GRIT_BACKEND``, or None. Invalid values are an error."""
+    value = os.environ.get("GRIT_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"GRIT_BACKEND={value!r}: expected one of {', '.join(BACKENDS)}")
+    return value
+
+
+def _unavailable_reason(backend: str, device_type: str, supported: tuple[str, ...]) -> str | None:
+    if backend not in supported:
+        return f"this op has no {backend} backend (it has {', '.join(supported)})"
+    if backend == "cuda":
+        if not has_C():
+            return _load_C()
+        if device_type not in ("cuda", "cpu"):
+            return f"the cuda backend runs CUDA tensors (or CPU tensors through its host build), got {device_type}"
+    elif backend == "triton":
+        if not has_triton():
+            return "triton is not installed"
+        if device_type == "cpu" and not triton_interpret():
+            return "the triton backend runs CPU tensors only under TRITON_INTERPRET=1"
+        if device_type not in ("cuda", "cpu"):
+            return f"the triton backend runs CUDA tensors, got {device_type}"
+    elif backend == "torch":
+        pass
+    return None
+
+
+def select(op: str, device_type: str, supported: tuple[str, ...] = BACKENDS) -> str:
+    """Pick the backend for one call of ``op`` on tensors of ``device_type``.
+
+    Default: CUDA tensors go to ``cuda`` when ``_C`` is built and the op has it, else
+    ``triton``; CPU tensors go to ``torch``. ``GRIT_BACKEND`` overrides, and a forced
+    backend that cannot run raises BackendUnavailableError naming the reason.
+    """
+    want = forced()
+    if want is not None:
+        reason = _unavailable_reason(want, device_type, supported)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: GRIT_BACKEND={want} is unavailable: {reason}")
+        return want
+    if device_type == "cuda":
+        for candidate in ("cuda", "triton"):
+            if candidate in supported and _unavailable_reason(candidate, device_type, supported) is None:
+                return candidate
+    return "torch"

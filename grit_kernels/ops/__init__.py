@@ -1,0 +1,1 @@
+"""One module per op: validation, backend dispatch, torch.library registration, autograd."""

@@ -1,0 +1,82 @@
+"""Input validation shared by the ops: every message names the argument and what was expected.
+
+All checks run before any output is allocated or written, so a rejected call has no effect.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    shape: tuple[int | None, ...] | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Check that ``t`` is a tensor of the given rank, dtype, shape (None = any) and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        ranks = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in ranks:
+            want = " or ".join(str(r) for r in ranks)
+            raise ValueError(f"{name}: expected {want} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(w is not None and w != s for w, s in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {t.device}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    """All non-None tensors on one device; returns it."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name}: expected a tensor on {first} like {first_name}, got {dev} (CPU/GPU mix)")
+    return first
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
+    """cu_seqlens: 1-D int32, starts at 0, non-decreasing, last entry <= total tokens.
+
+    Reads the values (a host sync on CUDA tensors); ops call it only where the contract
+    requires validating values, and skip it under torch.compile's fake tensors.
+    """
+    check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
+    if cu.numel() < 1:
+        raise ValueError(f"{name}: expected at least one entry (0), got an empty tensor")
+    if _is_fake(cu):
+        return
+    values = cu.detach().to("cpu", torch.int64)
+    if int(values[0]) != 0:
+        raise ValueError(f"{name}: expected the first entry to be 0, got {int(values[0])}")
+    if values.numel() > 1 and bool((values[1:] < values[:-1]).any()):
+        raise ValueError(f"{name}: expected non-decreasing offsets, got {values.tolist()[:16]}")
+    if int(values[-1]) > total:
+        raise ValueError(f"{name}: last entry {int(values[-1])} exceeds the {total} packed tokens")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"

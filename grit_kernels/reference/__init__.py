@@ -1,0 +1,1 @@
+"""Plain-PyTorch oracles, one module per op: written for clarity, used by tests and CPU tensors."""
