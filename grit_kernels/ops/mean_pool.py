@@ -1,0 +1,264 @@
+"""Masked mean pooling: validation, backend dispatch, torch.library registration, autograd.
+
+    mean_pool(hidden_BSD, mask_BS, *, normalize=False, weighted=False)             -> (B, D) fp32
+    mean_pool(hidden_TD, cu_seqlens=cu_B1, skip=skip_B, normalize=..., weighted=...) -> (B, D) fp32
+
+Backends: ``cuda`` (csrc/mean_pool.cu), ``triton`` (grit_kernels/triton/mean_pool.py),
+``torch`` (grit_kernels/reference/mean_pool.py); see grit_kernels/_backend.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..reference import mean_pool as ref
+from . import _checks
+from ._cuda import DTYPE_CODES, ptr, sm_count, stream, vec_width
+
+_SUPPORTED = ("torch", "triton", "cuda")
+
+
+def mean_pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
+    normalize: bool = False,
+    weighted: bool = False,
+) -> torch.Tensor:
+    """Mean of the hidden states of the pooled tokens of every sequence, in fp32.
+
+    Padded layout (GritLM's): ``hidden`` (B, S, D) and ``mask`` (B, S), nonzero = pooled.
+    GritLM leaves the instruction out by zeroing its tokens in the mask.
+
+    Packed layout: ``hidden`` (T, D) holds the sequences back to back, ``cu_seqlens``
+    (B + 1,) int32 their offsets (``cu_seqlens[b]:cu_seqlens[b+1]`` is sequence b), and
+    ``skip`` (B,) int32 (default zeros) how many leading tokens of each sequence (the
+    instruction) are attended to by the model but left out of the mean::
+
+        tokens of row b:  [ skip[b] instruction tokens | pooled tokens ... ]
+                            weight 0                     weight 1 (or 1, 2, ..., n)
+
+    ``weighted=True`` is GritLM's ``weightedmean``: the n pooled tokens get weights 1..n.
+    ``normalize=True`` L2-normalises each row like ``F.normalize`` (eps 1e-12).
+    A row with nothing to pool (all masked, or ``skip >= length``) gives zeros, never NaN.
+    Differentiable in ``hidden``.
+
+    Returns: (B, D) float32.
+    """
+    _validate(hidden, mask, cu_seqlens, skip)
+    if cu_seqlens is not None and skip is None:
+        skip = torch.zeros(cu_seqlens.numel() - 1, dtype=torch.int32, device=hidden.device)
+    out, _norm, _den = torch.ops.grit.mean_pool(hidden, mask, cu_seqlens, skip, bool(normalize), bool(weighted))
+    return out
+
+
+def _validate(hidden, mask, cu_seqlens, skip) -> None:
+    """Shapes, dtypes and devices (traceable checks; value checks run in the op itself)."""
+    packed = cu_seqlens is not None
+    _checks.check_tensor("hidden", hidden, ndim=2 if packed else 3, dtypes=_checks.FLOAT_DTYPES)
+    if hidden.shape[-1] < 1:
+        raise ValueError(f"hidden: expected a last dimension D >= 1, got shape {tuple(hidden.shape)}")
+    if packed:
+        if mask is not None:
+            raise ValueError("mask: pass either mask (padded layout) or cu_seqlens/skip (packed layout), not both")
+        _checks.check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=hidden.device)
+        if cu_seqlens.numel() < 1:
+            raise ValueError("cu_seqlens: expected B + 1 >= 1 offsets, got an empty tensor")
+        if skip is not None:
+            B = cu_seqlens.numel() - 1
+            _checks.check_tensor("skip", skip, dtypes=(torch.int32,), shape=(B,), device=hidden.device)
+    else:
+        if mask is None:
+            raise ValueError("mask: required for the padded layout hidden (B, S, D); use cu_seqlens= for packed (T, D)")
+        if skip is not None:
+            raise ValueError("skip: only for the packed layout (cu_seqlens=...); fold the instruction into mask instead")
+        B, S, _ = hidden.shape
+        _checks.check_tensor("mask", mask, ndim=2, device=hidden.device)
+        if tuple(mask.shape) != (B, S):
+            raise ValueError(f"mask: expected shape (B, S) = {(B, S)} matching hidden, got {tuple(mask.shape)}")
+        if mask.is_complex():
+            raise TypeError("mask: expected a bool, integer or real floating tensor")
+
+
+def _check_values(cu_seqlens, skip, total: int) -> None:
+    """Value checks that need the data (one small device-to-host copy on CUDA)."""
+    if cu_seqlens is None:
+        return
+    _checks.check_cu_seqlens("cu_seqlens", cu_seqlens, total, cu_seqlens.device)
+    if skip is not None and skip.numel() and not _checks._is_fake(skip) and bool((skip < 0).any()):
+        raise ValueError(f"skip: expected non-negative instruction lengths, got {skip.tolist()[:16]}")
+
+
+def _padded_weights(mask: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """(B, S) fp32 token weights: 1 per pooled token, or its rank 1..n when weighted.
+
+    B*S floats next to hidden's B*S*D elements, so preparing them in torch is noise.
+    """
+    return ref.token_weights_padded(mask, weighted).contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("grit::mean_pool", mutates_args=())
+def _mean_pool_op(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    skip: torch.Tensor | None,
+    normalize: bool,
+    weighted: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (B, D), norm (B,) of the unnormalised mean, den (B,) weight sums), fp32."""
+    _check_values(cu_seqlens, skip, hidden.shape[0])
+    backend = _backend.select("mean_pool", hidden.device.type, _SUPPORTED)
+    hidden = hidden.contiguous()
+    if backend == "torch":
+        out, norm = ref.mean_pool_forward(hidden, mask, cu_seqlens, skip, normalize, weighted)
+        den = _row_denominators(mask, cu_seqlens, skip, weighted, hidden.shape[0])
+        return out, norm, den
+    if backend == "triton":
+        from ..triton import mean_pool as tri
+
+        weights = _padded_weights(mask, weighted) if mask is not None else None
+        return tri.forward(hidden, weights, cu_seqlens, skip, normalize, weighted)
+    return _cuda_forward(hidden, mask, cu_seqlens, skip, normalize, weighted)
+
+
+@_mean_pool_op.register_fake
+def _(hidden, mask, cu_seqlens, skip, normalize, weighted):
+    B = mask.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    D = hidden.shape[-1]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return hidden.new_empty((B, D), **f32), hidden.new_empty((B,), **f32), hidden.new_empty((B,), **f32)
+
+
+@torch.library.custom_op("grit::mean_pool_backward", mutates_args=())
+def _mean_pool_backward_op(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    skip: torch.Tensor | None,
+    out: torch.Tensor,
+    norm: torch.Tensor,
+    den: torch.Tensor,
+    normalize: bool,
+    weighted: bool,
+) -> torch.Tensor:
+    """d hidden (same shape and dtype as hidden) from d out (B, D)."""
+    backend = _backend.select("mean_pool", hidden.device.type, _SUPPORTED)
+    # Gradients from .sum() arrive expanded (stride 0): the kernels want dense rows.
+    grad_out = grad_out.contiguous()
+    if backend == "torch":
+        return ref.mean_pool_backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, normalize, weighted)
+    dy = _grad_of_mean(grad_out, out, norm, normalize)
+    if backend == "triton":
+        from ..triton import mean_pool as tri
+
+        weights = _padded_weights(mask, weighted) if mask is not None else None
+        return tri.backward(hidden, weights, cu_seqlens, skip, dy, den, weighted)
+    return _cuda_backward(hidden, mask, cu_seqlens, skip, dy, den, weighted)
+
+
+@_mean_pool_backward_op.register_fake
+def _(grad_out, hidden, mask, cu_seqlens, skip, out, norm, den, normalize, weighted):
+    return torch.empty_like(hidden)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, mask, cu_seqlens, skip, normalize, weighted = inputs
+    out, norm, den = output
+    ctx.save_for_backward(hidden, mask, cu_seqlens, skip, out, norm, den)
+    ctx.normalize, ctx.weighted = normalize, weighted
+
+
+def _backward(ctx, grad_out, _grad_norm, _grad_den):
+    hidden, mask, cu_seqlens, skip, out, norm, den = ctx.saved_tensors
+    grad_hidden = torch.ops.grit.mean_pool_backward(
+        grad_out, hidden, mask, cu_seqlens, skip, out, norm, den, ctx.normalize, ctx.weighted
+    )
+    return grad_hidden, None, None, None, None, None
+
+
+_mean_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# helpers shared by the cuda and triton backends
+# ---------------------------------------------------------------------------------------
+
+
+def _row_denominators(mask, cu_seqlens, skip, weighted, total) -> torch.Tensor:
+    """(B,) fp32 sum of each row's token weights."""
+    if mask is not None:
+        return ref.token_weights_padded(mask, weighted).sum(dim=1)
+    n = (cu_seqlens[1:] - cu_seqlens[:-1] - skip).clamp_min(0).to(torch.float64)
+    return (n * (n + 1) / 2 if weighted else n).to(torch.float32)
+
+
+def _grad_of_mean(grad_out: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Gradient w.r.t. the unnormalised mean y, (B, D) fp32 (the Jacobian of y / max(|y|, eps))."""
+    g = grad_out.float()
+    if not normalize:
+        return g
+    dot = (out * g).sum(dim=1, keepdim=True)
+    d = norm.clamp_min(ref.NORM_EPS)[:, None]
+    return torch.where(norm[:, None] > ref.NORM_EPS, (g - out * dot) / d, g / d).contiguous()
+
+
+def _layout(hidden, mask, cu_seqlens):
+    """(B, S, D, T) as csrc wants them."""
+    if cu_seqlens is not None:
+        return cu_seqlens.numel() - 1, 0, hidden.shape[1], hidden.shape[0]
+    B, S, D = hidden.shape
+    return B, S, D, B * S
+
+
+def _cuda_forward(hidden, mask, cu_seqlens, skip, normalize, weighted):
+    C = _backend.C()
+    B, S, D, T = _layout(hidden, mask, cu_seqlens)
+    weights = _padded_weights(mask, weighted) if mask is not None else None
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    out, norm, den = torch.empty((B, D), **f32), torch.empty((B,), **f32), torch.empty((B,), **f32)
+    common = dict(
+        hidden=ptr(hidden), weights=ptr(weights), cu_seqlens=ptr(cu_seqlens), skip=ptr(skip),
+        out=ptr(out), norm=ptr(norm), den=ptr(den), B=B, S=S, D=D, T=T, weighted=weighted,
+        normalize=normalize, dtype=DTYPE_CODES[hidden.dtype],
+    )
+    if not hidden.is_cuda:
+        C.mean_pool_forward_host(**common)
+        return out, norm, den
+    vec = vec_width(hidden, D)
+    col_blocks = -(-D // (32 * vec))
+    # Aim for ~4 blocks per SM; split rows along S only when B * col_blocks falls short.
+    row_len = S if mask is not None else max(1, T // max(B, 1))
+    splits = max(1, min(-(-4 * sm_count(hidden.device.index) // max(B * col_blocks, 1)), -(-row_len // 32), 65535))
+    workspace = torch.empty(splits * B * D, **f32)
+    counters = torch.zeros(B, dtype=torch.int32, device=hidden.device)
+    C.mean_pool_forward(**common, workspace=ptr(workspace), counters=ptr(counters), splits=splits, vec=vec,
+                        stream=stream(hidden))
+    return out, norm, den
+
+
+def _cuda_backward(hidden, mask, cu_seqlens, skip, dy, den, weighted):
+    C = _backend.C()
+    B, S, D, T = _layout(hidden, mask, cu_seqlens)
+    weights = _padded_weights(mask, weighted) if mask is not None else None
+    dhidden = torch.empty_like(hidden)
+    den = den.contiguous()
+    common = dict(
+        hidden=ptr(hidden), weights=ptr(weights), cu_seqlens=ptr(cu_seqlens), skip=ptr(skip), dy=ptr(dy),
+        den=ptr(den), dhidden=ptr(dhidden), B=B, S=S, D=D, T=T, weighted=weighted,
+        dtype=DTYPE_CODES[hidden.dtype],
+    )
+    if not hidden.is_cuda:
+        C.mean_pool_backward_host(**common)
+    else:
+        C.mean_pool_backward(**common, vec=min(vec_width(hidden, D), vec_width(dhidden, D)), stream=stream(hidden))
+    return dhidden
