@@ -1,0 +1,187 @@
+"""Attention over a KV cache with in-place append: validation, backend dispatch, torch.library.
+
+    attention_with_kvcache(q_BSHD, k_cache_BTKD, v_cache_BTKD, cache_seqlens_B,
+                           k_BSKD=None, v_BSKD=None, *, causal=True, window=(-1, -1),
+                           softmax_scale=None)                                  -> (B, Sq, Hq, D)
+
+Legend: B batch, S = Sq new tokens, T = S_max cache capacity, H = Hq query heads,
+K = Hkv key/value heads, D head dim.
+
+Backends: ``triton`` (grit_kernels/triton/attention_kvcache.py: append kernel, split-KV
+Flash-Decoding kernel, logsumexp combine) and ``torch`` (grit_kernels/reference/
+attention_kvcache.py); see grit_kernels/_backend.py. There is no csrc kernel for this op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend
+from ..reference import attention_kvcache as ref
+from . import _checks
+
+_SUPPORTED = ("torch", "triton")
+MAX_HEAD_DIM = 256  # flash-attn's limit; the Triton kernel keeps a (rows, D) tile on chip
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    window: tuple[int, int] = (-1, -1),
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Append new keys/values to a KV cache in place, then attend to the cache (flash-attn's
+    ``flash_attn_with_kvcache`` conventions).
+
+    Arguments:
+        q: (B, Sq, Hq, D) queries of the Sq new tokens.
+        k_cache, v_cache: (B, S_max, Hkv, D), same dtype as q. Written in place when k/v are
+            given. Any strides, except that the last dim must be contiguous.
+        cache_seqlens: (B,) int32, tokens already in each row's cache. Rows may differ.
+            NOT advanced by this call (as in flash-attn): the caller adds Sq afterwards.
+        k, v: (B, Sq, Hkv, D) or both None. When given they are written to
+            ``cache[b, cache_seqlens[b] : cache_seqlens[b] + Sq]`` and row b attends to
+            ``Sk_b = cache_seqlens[b] + Sq`` keys; without them to ``Sk_b = cache_seqlens[b]``.
+            Nothing at or past ``Sk_b`` is read. Requires ``cache_seqlens[b] + Sq <= S_max``.
+        causal: bottom-right aligned causal mask: query i sees key j iff
+            ``j <= i + Sk_b - Sq``. Decode of Sq = 2 tokens on a cache of 3 (Sk = 5)::
+
+                key j:   0 1 2 3 4
+                query 0: x x x x .
+                query 1: x x x x x
+
+            The cached prefix is visible to every query, so a cache filled by a
+            bidirectional embedding pass (GritLM's doc caching) is then decoded causally.
+        window: (left, right) inclusive sliding window, -1 = unbounded:
+            ``j >= i + Sk_b - Sq - left`` and, without causal, ``j <= i + Sk_b - Sq + right``
+            (causal means right = 0; a right value is then ignored).
+        softmax_scale: defaults to 1 / sqrt(D).
+
+    Returns: (B, Sq, Hq, D) in q's dtype. Queries that see no key (only possible without k/v,
+    e.g. an empty cache row) get zeros.
+
+    Inference only: not differentiable (no backward is registered; calling backward through
+    it raises). Validation happens before anything is written: a rejected call leaves the
+    caches untouched. The "cache too small" check reads ``cache_seqlens`` on the host, which
+    on CUDA is one small device-to-host copy (a sync) per call; it is skipped while a CUDA
+    graph is being captured (a sync is illegal there), and the kernels additionally never
+    write at or past S_max.
+    """
+    left, right = _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_scale)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.grit.attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens, k, v, bool(causal), left, right, scale
+    )
+
+
+def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_scale) -> tuple[int, int]:
+    """Shapes, dtypes, devices, strides and scalar arguments (no tensor values read)."""
+    _checks.check_tensor("q", q, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    B, Sq, Hq, D = q.shape
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim D = {D} unsupported, expected 1 <= D <= {MAX_HEAD_DIM}")
+    device = q.device
+    _checks.check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
+    Bc, S_max, Hkv, Dc = k_cache.shape
+    if Bc != B:
+        raise ValueError(f"k_cache: expected batch {B} like q, got shape {tuple(k_cache.shape)}")
+    if Dc != D:
+        raise ValueError(f"k_cache: head dim {Dc} does not match q's D = {D}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"k_cache: Hkv = {Hkv} KV heads must divide q's Hq = {Hq} query heads")
+    _checks.check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), shape=tuple(k_cache.shape), device=device)
+    _checks.check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(B,), device=device)
+    if (k is None) != (v is None):
+        missing = "v" if v is None else "k"
+        raise ValueError(f"{missing}: k and v are appended together; pass both or neither")
+    if k is not None:
+        _checks.check_tensor("k", k, ndim=4, dtypes=(q.dtype,), shape=(B, Sq, Hkv, D), device=device)
+        _checks.check_tensor("v", v, ndim=4, dtypes=(q.dtype,), shape=(B, Sq, Hkv, D), device=device)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dim (D) must be contiguous (stride 1), got strides {t.stride()}")
+    if k is not None and k_cache is v_cache:
+        raise ValueError("v_cache: must not be the same tensor as k_cache (both are written in place)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if not isinstance(window, (tuple, list)) or len(window) != 2 or not all(
+        isinstance(w, int) and not isinstance(w, bool) for w in window
+    ):
+        raise TypeError(f"window: expected a (left, right) pair of ints, got {window!r}")
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"window: values must be >= -1 (-1 = unbounded), got {tuple(window)}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
+    return left, (0 if causal else right)
+
+
+def _check_values(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
+    """0 <= cache_seqlens[b] and cache_seqlens[b] + Sq_new <= S_max, before anything is written.
+
+    Reads the (B,) int32 values on the host: free for CPU tensors, one device-to-host copy
+    and stream sync on CUDA. Decode latency pays a few microseconds for it; we keep it
+    because an out-of-range append would otherwise silently drop tokens. Skipped under fake
+    tensors and during CUDA graph capture, where reading values is impossible.
+    """
+    if cache_seqlens.numel() == 0 or _checks._is_fake(cache_seqlens):
+        return
+    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    values = cache_seqlens.detach().to("cpu", torch.int64)
+    if bool((values < 0).any()):
+        raise ValueError(f"cache_seqlens: expected non-negative lengths, got {values.tolist()[:16]}")
+    too_long = values + Sq_new > S_max
+    if bool(too_long.any()):
+        b = int(too_long.nonzero()[0, 0])
+        what = f"cache_seqlens[{b}] + Sq = {int(values[b])} + {Sq_new}" if Sq_new else f"cache_seqlens[{b}] = {int(values[b])}"
+        raise ValueError(f"cache_seqlens: {what} exceeds the cache capacity S_max = {S_max} (k_cache too small)")
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("grit::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _attention_with_kvcache_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """(B, Sq, Hq, D) output; k_cache/v_cache get k/v appended in place (when given)."""
+    _check_values(cache_seqlens, k_cache.shape[1], q.shape[1] if k is not None else 0)
+    backend = _backend.select("attention_with_kvcache", q.device.type, _SUPPORTED)
+    window = (window_left, window_right)
+    if backend == "torch":
+        return ref.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal=causal,
+                                          window=window, softmax_scale=softmax_scale)
+    from ..triton import attention_kvcache as tri
+
+    if k is not None:
+        tri.append_kv(k_cache, v_cache, cache_seqlens, k, v)
+    return tri.attention(q, k_cache, v_cache, cache_seqlens, q.shape[1] if k is not None else 0,
+                         causal=causal, window=window, softmax_scale=softmax_scale)
+
+
+@_attention_with_kvcache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k, v, causal, window_left, window_right, softmax_scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
