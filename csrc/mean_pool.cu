@@ -131,15 +131,15 @@ __device__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-// grid (ceil(D / (32 VEC)), B, splits), block (32, kWarps).
+// grid (B, ceil(D / (32 VEC)), splits), block (32, kWarps). Rows in grid.x: no limit on B.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(32 * kWarps)
     mean_pool_fwd_kernel(MeanPoolArgs a, float* out, float* norm, float* den_out, bool normalize, float* ws,
                          int* counters) {
   const int lane = threadIdx.x, warp = threadIdx.y;
-  const int64_t b = blockIdx.y;
+  const int64_t b = blockIdx.x;
   const int split = blockIdx.z, splits = gridDim.z;
-  const int64_t col = (static_cast<int64_t>(blockIdx.x) * 32 + lane) * VEC;
+  const int64_t col = (static_cast<int64_t>(blockIdx.y) * 32 + lane) * VEC;
   const Row r = row_span(a, b);
   const T* hidden = static_cast<const T*>(a.hidden);
 
@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(32 * kWarps)
   __syncthreads();
   if (lane == 0 && warp == 0) {
     const int ticket = atomicAdd(&counters[b], 1);
-    is_last = ticket == static_cast<int>(gridDim.x * gridDim.z) - 1;
+    is_last = ticket == static_cast<int>(gridDim.y * gridDim.z) - 1;
   }
   __syncthreads();
   if (!is_last) return;
@@ -239,14 +239,15 @@ __global__ void __launch_bounds__(32 * kWarps)
   }
 }
 
-// grid (ceil(D / (32 VEC)), ceil(tokens / (kWarps kTokensPerWarp))), block (32, kWarps).
+// grid (ceil(tokens / (kWarps kTokensPerWarp)), ceil(D / (32 VEC))), block (32, kWarps).
+// Tokens go in grid.x (up to 2^31 - 1 blocks); grid.y would cap them at 2M.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(32 * kWarps)
     mean_pool_bwd_kernel(MeanPoolArgs a, const float* dy, const float* den, T* dhidden, int64_t tokens) {
   const int lane = threadIdx.x, warp = threadIdx.y;
-  const int64_t col = (static_cast<int64_t>(blockIdx.x) * 32 + lane) * VEC;
+  const int64_t col = (static_cast<int64_t>(blockIdx.y) * 32 + lane) * VEC;
   if (col >= a.D) return;
-  const int64_t t0 = (static_cast<int64_t>(blockIdx.y) * kWarps + warp) * kTokensPerWarp;
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kTokensPerWarp;
   for (int k = 0; k < kTokensPerWarp; ++k) {
     const int64_t t = t0 + k;
     if (t >= tokens) return;
@@ -262,7 +263,7 @@ __global__ void __launch_bounds__(32 * kWarps)
 template <typename T, int VEC>
 void launch_forward(const MeanPoolArgs& a, float* out, float* norm, float* den, bool normalize, float* ws,
                     int* counters, int splits, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((a.D + 32 * VEC - 1) / (32 * VEC)), static_cast<unsigned>(a.B),
+  const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>((a.D + 32 * VEC - 1) / (32 * VEC)),
                   static_cast<unsigned>(splits));
   mean_pool_fwd_kernel<T, VEC><<<grid, dim3(32, kWarps), 0, stream>>>(a, out, norm, den, normalize, ws, counters);
   check_cuda(cudaGetLastError(), "mean_pool forward launch");
@@ -272,8 +273,8 @@ template <typename T, int VEC>
 void launch_backward(const MeanPoolArgs& a, const float* dy, const float* den, void* dhidden, cudaStream_t stream) {
   const int64_t tokens = a.packed() ? a.T : a.B * a.S;
   const int64_t per_block = kWarps * kTokensPerWarp;
-  const dim3 grid(static_cast<unsigned>((a.D + 32 * VEC - 1) / (32 * VEC)),
-                  static_cast<unsigned>((tokens + per_block - 1) / per_block));
+  const dim3 grid(static_cast<unsigned>((tokens + per_block - 1) / per_block),
+                  static_cast<unsigned>((a.D + 32 * VEC - 1) / (32 * VEC)));
   mean_pool_bwd_kernel<T, VEC><<<grid, dim3(32, kWarps), 0, stream>>>(a, dy, den, static_cast<T*>(dhidden), tokens);
   check_cuda(cudaGetLastError(), "mean_pool backward launch");
 }
@@ -282,7 +283,7 @@ void check_args(const MeanPoolArgs& a) {
   if (a.B < 0 || a.D < 1) throw std::invalid_argument("mean_pool: expected B >= 0 and D >= 1");
   if (a.packed() ? a.skip == nullptr : a.weights == nullptr)
     throw std::invalid_argument("mean_pool: packed rows need skip; padded rows need weights");
-  if (a.B > 65535) throw std::invalid_argument("mean_pool: B must be <= 65535 (grid.y)");
+  if ((a.D + 31) / 32 > 65535) throw std::invalid_argument("mean_pool: D must be <= 2097120 (grid.y)");
 }
 
 }  // namespace
