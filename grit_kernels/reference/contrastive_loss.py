@@ -1,0 +1,64 @@
+"""In-batch contrastive (InfoNCE) loss in plain PyTorch: the oracle for tests and the CPU path.
+
+Written for clarity, not memory: it holds the whole (B, N) logit matrix. Semantics are
+GritLM's ``DistributedContrastiveLoss`` (gritlm/training/model.py):
+
+    logits[i, j] = q̂_i · d̂_j / temperature          q̂ = q / max(|q|, 1e-12) (F.normalize)
+    loss[i]      = logsumexp_j logits[i, j] - logits[i, targets[i]]
+
+with ``targets[i] = i * (N // B)`` by default: documents come in groups of N // B
+(``[positive, hard negative, ...]`` per query) and query i's positive opens group i.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12
+
+
+def default_targets(B: int, N: int, device=None) -> torch.Tensor:
+    """(B,) int64 index of each query's positive: ``arange(B) * (N // B)``."""
+    return torch.arange(B, dtype=torch.int64, device=device) * (N // max(B, 1))
+
+
+def logits(q_BD, d_ND, temperature: float, normalize: bool, dtype=torch.float32) -> torch.Tensor:
+    """(B, N) logits computed in ``dtype`` (fp32/fp64 for an oracle, the inputs' dtype for
+    the low-precision reference that the tolerance rule measures kernels against)."""
+    q, d = q_BD.to(dtype), d_ND.to(dtype)
+    if normalize:
+        q, d = F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(d, dim=-1, eps=NORM_EPS)
+    return (q @ d.T) / temperature
+
+
+def contrastive_loss(q_BD, d_ND, targets_B=None, *, temperature=0.02, normalize=True, reduction="mean",
+                     dtype=torch.float32) -> torch.Tensor:
+    """Differentiable reference: matmul + ``F.cross_entropy``. ``dtype`` as in ``logits``."""
+    B, N = q_BD.shape[0], d_ND.shape[0]
+    if targets_B is None:
+        targets_B = default_targets(B, N, q_BD.device)
+    return F.cross_entropy(logits(q_BD, d_ND, temperature, normalize, dtype), targets_B.long(), reduction=reduction)
+
+
+def forward(q, d, targets, temperature: float, normalize: bool):
+    """The op's forward: (loss (B,) fp32 per query, lse (B,) fp32 logsumexp of each row)."""
+    x = logits(q, d, temperature, normalize)
+    lse = torch.logsumexp(x, dim=1)
+    loss = lse - x.gather(1, targets.long()[:, None])[:, 0]
+    return loss, lse
+
+
+def backward(grad_loss, q, d, targets, temperature: float, normalize: bool):
+    """(dq, dd) in the inputs' dtype for ``forward``'s per-query loss, by autograd in fp32."""
+    with torch.enable_grad():
+        qf = q.detach().float().requires_grad_()
+        df = d.detach().float().requires_grad_()
+        loss = F.cross_entropy(logits(qf, df, temperature, normalize), targets.long(), reduction="none")
+        dq, dd = torch.autograd.grad(loss, (qf, df), grad_loss.float())
+    return dq.to(q.dtype), dd.to(d.dtype)
+
+
+def inv_norm(x: torch.Tensor) -> torch.Tensor:
+    """(R,) fp32 1 / max(|x_r|, eps): what F.normalize divides each row by."""
+    return 1.0 / x.float().norm(dim=1).clamp_min(NORM_EPS)
