@@ -62,6 +62,9 @@ def _padded(q, k, v, causal, window, scale, dtype):
     B, Sq, Hq, D = q.shape
     Sk = k.shape[1]
     q, k, v = q.to(dtype), _expand_kv(k.to(dtype), Hq), _expand_kv(v.to(dtype), Hq)
+    if Sk == 0:  # no keys: every row is empty (0 * q keeps the autograd graph connected)
+        lse = torch.full((B, Hq, Sq), float("-inf"), dtype=dtype, device=q.device)
+        return 0 * q, lse + 0 * q.sum(-1).transpose(1, 2)
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
     mask = visible_mask(Sq, Sk, causal, window, device=q.device)
     s = s.masked_fill(~mask, float("-inf"))
