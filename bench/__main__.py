@@ -22,7 +22,7 @@ import torch
 from .common import Case, Skipped, roofline, run_case
 
 # One module per op, in the order the table shows them.
-SUITES = ["mean_pool", "attention", "contrastive_loss", "moe", "model"]
+SUITES = ["mean_pool", "attention", "attention_kvcache", "contrastive_loss", "moe", "model", "training"]
 
 
 def _progress(items, desc):
