@@ -1,0 +1,174 @@
+"""Load Hugging Face safetensors checkpoints (single file or sharded) into ``Transformer``.
+
+The model is built on the meta device and its parameters are assigned from the tensors read
+through ``safetensors.safe_open`` (memory-mapped) on the target device, cast to the target
+dtype: no full-size random init, no fp32 copy of a bf16 checkpoint.
+
+Tensor names accepted (``model.`` prefix optional: embedding-only checkpoints lack it):
+    embed_tokens.weight, norm.weight, lm_head.weight (absent when tied)
+    layers.N.{input_layernorm,post_attention_layernorm}.weight
+    layers.N.self_attn.{q,k,v,o}_proj.weight
+    Mistral: layers.N.mlp.{gate,up,down}_proj.weight
+    Mixtral: layers.N.block_sparse_moe.gate.weight, layers.N.block_sparse_moe.experts.E.w{1,2,3}.weight
+             (hub layout) or layers.N.mlp.gate.weight, layers.N.mlp.experts.{gate_up_proj,down_proj}
+             (transformers 5's fused layout)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import MistralConfig, parse_dtype
+from .mistral import Transformer
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Saved by old transformers versions; recomputed here, never needed.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's tensors do not match its config."""
+
+
+def checkpoint_files(path) -> list[Path]:
+    """The safetensors files of the checkpoint folder ``path`` (index json first, then a single file)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model_name_or_path: {path} is not a folder (expected a local checkpoint folder)")
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: expected a non-empty 'weight_map'")
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files
+    other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    hint = f" (found {other}: only safetensors are supported)" if other else ""
+    raise FileNotFoundError(f"model_name_or_path: no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
+
+
+def expected_shapes(cfg: MistralConfig, *, fused_experts: bool = False, with_lm_head: bool = True) -> dict:
+    """HF tensor name (without ``model.``) -> shape, for a checkpoint of this config."""
+    D, K, Hq, Hk = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    Fh, V = cfg.intermediate_size, cfg.vocab_size
+    out = {"embed_tokens.weight": (V, D), "norm.weight": (D,)}
+    if with_lm_head and not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (Hq * K, D), p + "self_attn.k_proj.weight": (Hk * K, D),
+            p + "self_attn.v_proj.weight": (Hk * K, D), p + "self_attn.o_proj.weight": (D, Hq * K),
+        })
+        if not cfg.is_moe:
+            out.update({p + "mlp.gate_proj.weight": (Fh, D), p + "mlp.up_proj.weight": (Fh, D),
+                        p + "mlp.down_proj.weight": (D, Fh)})
+        elif fused_experts:
+            E = cfg.num_local_experts
+            out.update({p + "mlp.gate.weight": (E, D), p + "mlp.experts.gate_up_proj": (E, 2 * Fh, D),
+                        p + "mlp.experts.down_proj": (E, D, Fh)})
+        else:
+            out[p + "block_sparse_moe.gate.weight"] = (cfg.num_local_experts, D)
+            for e in range(cfg.num_local_experts):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                out.update({q + "w1.weight": (Fh, D), q + "w2.weight": (D, Fh), q + "w3.weight": (Fh, D)})
+    return out
+
+
+def _strip(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralConfig | None = None,
+                    with_lm_head: bool = True, strict_config: bool = True) -> Transformer:
+    """Read the HF checkpoint folder ``path`` into a ``Transformer`` on ``device``.
+
+    torch_dtype: "auto" (the config's ``torch_dtype``, float32 if it names none), a torch
+    dtype or its name. ``with_lm_head=False`` skips the output head (embedding-only use).
+    Raises CheckpointError listing missing, unexpected and mis-shaped tensors.
+    """
+    from safetensors import safe_open
+
+    cfg = config if config is not None else MistralConfig.from_pretrained(path, strict=strict_config)
+    if torch_dtype == "auto" or torch_dtype is None:
+        dtype = cfg.torch_dtype or torch.float32
+    else:
+        dtype = parse_dtype(torch_dtype, "torch_dtype")
+    device = torch.device(device)
+    files = checkpoint_files(path)
+
+    # 1. Names and shapes from the headers only (nothing read yet).
+    where, shapes = {}, {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                where[name] = f
+                shapes[_strip(name)] = tuple(sf.get_slice(name).get_shape())
+    fused = any(".mlp.experts." in n for n in shapes)
+    expected = expected_shapes(cfg, fused_experts=fused, with_lm_head=with_lm_head)
+    optional = {"lm_head.weight"}  # present in tied or embedding-only use: read nothing
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - optional)
+    misshaped = sorted(f"{n}: {shapes[n]} in the checkpoint, {expected[n]} expected from config.json"
+                       for n in set(expected) & set(shapes) if shapes[n] != expected[n])
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint {path} does not match its config ({type(cfg).__name__}):"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+        raise CheckpointError("\n".join(lines))
+
+    # 2. Read tensors straight onto the device, cast, and fuse into our layout.
+    full_name = {_strip(n): n for n in where}
+    handles = {f: safe_open(str(f), framework="pt", device=str(device) if device.type != "cpu" else "cpu")
+               for f in files}
+
+    def get(name: str) -> torch.Tensor:
+        n = full_name[name]
+        return handles[where[n]].get_tensor(n).to(dtype)
+
+    sd = {"embed": get("embed_tokens.weight"), "norm.weight": get("norm.weight")}
+    if with_lm_head and not cfg.tie_word_embeddings:
+        sd["lm_head"] = get("lm_head.weight")
+    for i in range(cfg.num_hidden_layers):
+        p, o = f"layers.{i}.", f"layers.{i}."
+        sd[o + "attn_norm.weight"] = get(p + "input_layernorm.weight")
+        sd[o + "mlp_norm.weight"] = get(p + "post_attention_layernorm.weight")
+        sd[o + "attn.wqkv"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        sd[o + "attn.wo"] = get(p + "self_attn.o_proj.weight")
+        if not cfg.is_moe:
+            sd[o + "mlp.w13"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+            sd[o + "mlp.w2"] = get(p + "mlp.down_proj.weight")
+        elif fused:
+            w13 = get(p + "mlp.experts.gate_up_proj")
+            sd[o + "mlp.gate"] = get(p + "mlp.gate.weight")
+            sd[o + "mlp.w1"], sd[o + "mlp.w3"] = (w.contiguous() for w in w13.chunk(2, dim=1))
+            sd[o + "mlp.w2"] = get(p + "mlp.experts.down_proj")
+        else:
+            q = p + "block_sparse_moe."
+            sd[o + "mlp.gate"] = get(q + "gate.weight")
+            for w in ("w1", "w2", "w3"):
+                sd[o + f"mlp.{w}"] = torch.stack(
+                    [get(f"{q}experts.{e}.{w}.weight") for e in range(cfg.num_local_experts)])
+    handles.clear()
+
+    with torch.device("meta"):
+        model = Transformer(cfg, with_lm_head=with_lm_head)
+    model.load_state_dict(sd, assign=True, strict=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,253 @@
+"""Mistral and Mixtral on packed token batches, attention mode chosen per call.
+
+Shape legend (suffixes on tensor names, as in torchtitan):
+    T  packed tokens of all sequences, back to back     B  sequences (batch rows)
+    S  tokens per row (cache path)                      D  hidden size (model dim)
+    Hq query heads, Hk key/value heads, K head dim      F  MLP / expert hidden size
+    E  experts                                          V  vocabulary
+
+Two ways through the model:
+
+* ``forward(tokens_T, positions_T, cu_seqlens, causal=...)``: packed sequences, no padding, each
+  attends only within itself (``grit_kernels.attention`` with ``cu_seqlens``). Used for
+  embedding (bidirectional, no sliding window, as GritLM was trained with sdpa), for a
+  generation prefill (causal with the config's sliding window) and for building KV caches.
+* ``forward_cached(tokens_BS, positions_BS, cache)``: rows of S new tokens appended to a
+  ``KVCache`` whose rows hold different lengths (``grit_kernels.attention_with_kvcache``).
+
+Weights are held fused where that saves GEMM launches: ``wqkv`` = [q; k; v] rows and
+``w13`` = [gate; up] rows (HF's separate tensors are concatenated at load time).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import grit_kernels
+
+from .config import MistralConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, exactly as HF does: in bf16 the
+        # order of the rounding steps is visible in the logits.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Rotary:
+    """RoPE tables (fp32), grown on demand and kept per device. Positions index the table, so
+    a cache computed at positions 0..L-1 keeps them when it is later reused (gritlm's rule)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim, self.theta = head_dim, theta
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _table(self, n: int, device: torch.device):
+        cos, sin = self._tables.get(device, (None, None))
+        if cos is None or cos.shape[0] < n:
+            n = max(n, 2 * (cos.shape[0] if cos is not None else 1024))
+            # Same fp32 arithmetic as HF's rotary embedding, so the tables are bit-identical.
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+            inv_freq = inv_freq.to(device)
+            freqs = torch.arange(n, device=device).float()[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+            self._tables[device] = (cos, sin)
+        return cos, sin
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin of shape positions.shape + (1, K) in ``dtype`` (broadcast over heads)."""
+        n = int(positions.max()) + 1 if positions.numel() else 1
+        cos, sin = self._table(n, positions.device)
+        return cos[positions].to(dtype).unsqueeze(-2), sin[positions].to(dtype).unsqueeze(-2)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., H, K) rotated by cos/sin (..., 1, K): the half-split convention of HF Mistral."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Per-layer key/value buffers for generation, with a length per row.
+
+    k[l], v[l]: (B, S_max, Hk, K). ``seqlens`` (B,) int32: tokens held by each row; row b's
+    next token is written at ``seqlens[b]``. Positions past ``seqlens[b]`` hold garbage that
+    is never read (attention_with_kvcache reads at most ``seqlens[b] + S_new`` keys).
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 *, device, dtype):
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.n_q, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.wqkv = nn.Parameter(torch.empty((self.n_q + 2 * self.n_kv) * self.head_dim, cfg.hidden_size))
+        self.wo = nn.Parameter(torch.empty(cfg.hidden_size, self.n_q * self.head_dim))
+        self.causal_window = cfg.causal_window
+
+    def _qkv(self, x: torch.Tensor, cos, sin):
+        """x (..., D) -> q (..., Hq, K), k and v (..., Hk, K), RoPE applied to q and k."""
+        qkv = F.linear(x, self.wqkv)
+        q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
+        q = q.unflatten(-1, (self.n_q, self.head_dim))
+        k = k.unflatten(-1, (self.n_kv, self.head_dim))
+        v = v.unflatten(-1, (self.n_kv, self.head_dim))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x_TD, cos, sin, cu_seqlens, max_seqlen: int, causal: bool, kv_out: list | None):
+        q, k, v = self._qkv(x_TD, cos, sin)
+        if kv_out is not None:
+            kv_out.append((k, v))
+        # Bidirectional passes ignore the sliding window (GritLM embeds with sdpa, which never
+        # saw Mistral's window); causal passes use the config's window.
+        window = self.causal_window if causal else (-1, -1)
+        o = grit_kernels.attention(
+            q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+            max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+        )
+        return F.linear(o.flatten(-2), self.wo)
+
+    def forward_cached(self, x_BSD, cos, sin, k_cache, v_cache, seqlens):
+        q, k, v = self._qkv(x_BSD, cos, sin)
+        o = grit_kernels.attention_with_kvcache(
+            q, k_cache, v_cache, seqlens, k=k.contiguous(), v=v.contiguous(), causal=True, window=self.causal_window,
+        )
+        return F.linear(o.flatten(-2), self.wo)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 (gate) and w3 (up) fused into one GEMM."""
+
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(2 * cfg.intermediate_size, cfg.hidden_size))
+        self.w2 = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2)
+
+
+class MoE(nn.Module):
+    """Mixtral's sparse MoE: router -> top-k (renormalised) -> SwiGLU experts, via grit_kernels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, Fh, D = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Parameter(torch.empty(E, D))
+        self.w1 = nn.Parameter(torch.empty(E, Fh, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, Fh))
+        self.w3 = nn.Parameter(torch.empty(E, Fh, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        logits_TE = F.linear(x_TD, self.gate)
+        weights_Tk, experts_Tk = grit_kernels.moe_route(logits_TE, top_k=self.top_k)
+        out = grit_kernels.moe_experts(x_TD, self.w1, self.w2, self.w3, weights_Tk, experts_Tk)
+        return out.reshape(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MistralConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe else MLP(cfg)
+
+
+class Transformer(nn.Module):
+    """Mistral / Mixtral decoder. ``lm_head`` is None for embedding-only use."""
+
+    def __init__(self, cfg: MistralConfig, *, with_lm_head: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # A tied head shares the embedding tensor (set by the loader), so it is no parameter here.
+        self.lm_head = (nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+                        if with_lm_head and not cfg.tie_word_embeddings else None)
+        self.has_lm_head = with_lm_head
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def forward(self, tokens_T: torch.Tensor, positions_T: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int, *, causal: bool, kv_out: list | None = None) -> torch.Tensor:
+        """Packed forward.
+
+        tokens_T, positions_T: (T,) int64; cu_seqlens: (B + 1,) int32 offsets of the sequences;
+        max_seqlen: the longest one. ``kv_out``: when a list, each layer's RoPE'd (k, v) (T, Hk, K)
+        are appended to it (to build KV caches).
+        Returns the final-normed hidden states (T, D).
+        """
+        x = F.embedding(tokens_T, self.embed)
+        cos, sin = self.rotary(positions_T, x.dtype)
+        for layer in self.layers:
+            x = x + layer.attn(layer.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, causal, kv_out)
+            x = x + layer.mlp(layer.mlp_norm(x))
+        return self.norm(x)
+
+    def forward_cached(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Appends S new tokens per row to ``cache`` (causal, config window) and advances
+        ``cache.seqlens`` by S. tokens_BS, positions_BS (B, S) int64. Returns hidden (B, S, D)."""
+        x = F.embedding(tokens_BS, self.embed)
+        cos, sin = self.rotary(positions_BS, x.dtype)
+        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
+            x = x + layer.attn.forward_cached(layer.attn_norm(x), cos, sin, k_cache, v_cache, cache.seqlens)
+            x = x + layer.mlp(layer.mlp_norm(x))
+        cache.seqlens += tokens_BS.shape[1]
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., V) in the model dtype."""
+        if not self.has_lm_head:
+            raise RuntimeError("this model was loaded without its lm_head (mode='embedding'); "
+                               "load it with mode='unified' or 'generative' to generate")
+        return F.linear(hidden, self.embed if self.lm_head is None else self.lm_head)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim,
+                       device=self.device, dtype=self.dtype)
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) int64 position of each packed token within its own sequence (0, 1, ..., L-1)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts

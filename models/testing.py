@@ -1,0 +1,120 @@
+"""Tiny random GRIT checkpoints for tests and benchmarks (no model hub needed).
+
+``make_checkpoint(path, ...)`` writes what a hub checkpoint holds: ``config.json``, safetensors
+weights (one file, or shards with ``model.safetensors.index.json``), ``tokenizer.json`` and
+``tokenizer_config.json``. The weights come from ``transformers`` (its own random init and its
+own ``save_pretrained``), so that both ``transformers``/``gritlm`` and ``grit_models`` load the
+very same files. The tokenizer is a word-level one over a small vocabulary, built with the
+``tokenizers`` library, with a post-processor that prepends ``<s>`` like Mistral's.
+
+transformers and tokenizers are imported inside the functions: ``grit_models`` itself does not
+need transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|embed|>", "<|assistant|>", "\n"]
+
+# A small, fixed word list: ids are stable across runs, so tests can name token ids.
+WORDS = (
+    "the a an of to in and or is are was were be been it this that these those with for on at by "
+    "from as not no yes what which who whom whose when where why how all any both each few more most "
+    "other some such only own same so than too very can will just should now query document answer "
+    "question retrieve represent passage title text model language paris france capital city river "
+    "water fire earth air sun moon star sky blue red green cat dog bird fish tree leaf root stone "
+    "gold iron paper book page word line number one two three four five six seven eight nine ten "
+    "zero first last next time day night year old new big small long short high low good bad "
+    "hot cold fast slow open close run walk read write speak listen think know see look find give "
+    "take make use work call try ask need feel become leave put mean keep let begin seem help show "
+    "hear play move live believe hold bring happen"
+).split()
+
+
+def build_tokenizer(vocab_words=WORDS):
+    """A ``tokenizers.Tokenizer``: word level, newline kept as a token, BOS added by the
+    post-processor (as Mistral's tokenizer.json does)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in vocab_words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Keep "\n" and every run of non-space characters; drop spaces.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|[^\s]+"), behavior="removed", invert=True)
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<|user|>", "<|embed|>", "<|assistant|>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return tok
+
+
+def tiny_config(arch: str = "mistral", **overrides) -> dict:
+    """HF config.json content of a tiny model (hidden 64, 2 layers, 4 heads, 2 KV heads)."""
+    n_vocab = len(SPECIAL_TOKENS) + len(dict.fromkeys(WORDS))
+    cfg = dict(
+        vocab_size=n_vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if arch == "mixtral":
+        cfg.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96)
+    elif arch != "mistral":
+        raise ValueError(f"arch: expected 'mistral' or 'mixtral', got {arch!r}")
+    cfg.update(overrides)
+    return cfg
+
+
+def make_checkpoint(path, arch: str = "mistral", *, seed: int = 0, max_shard_size=None, dtype="float32",
+                    init_std: float = 0.1, **config_overrides) -> Path:
+    """Write a random tiny checkpoint (weights, config, tokenizer) into ``path``; returns it.
+
+    ``init_std``: weights are drawn N(0, init_std) (norm weights around 1) rather than
+    transformers' 0.02 so that logits are far from uniform and greedy decoding has no near-ties.
+    ``max_shard_size`` (e.g. "20KB") writes a sharded checkpoint with an index json.
+    """
+    import torch
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(arch, **config_overrides)
+    cls = dict(mistral=(transformers.MistralConfig, transformers.MistralForCausalLM),
+               mixtral=(transformers.MixtralConfig, transformers.MixtralForCausalLM))[arch]
+    torch.manual_seed(seed)
+    model = cls[1](cls[0](**cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, init_std)
+    model = model.to(getattr(torch, dtype))
+    kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+    model.save_pretrained(path, **kwargs)
+    build_tokenizer().save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=4096,
+    )))
+    return path
+
+
+def random_texts(n: int, min_words: int = 1, max_words: int = 40, seed: int = 0) -> list[str]:
+    """``n`` texts of known words with lengths spread over [min_words, max_words]."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
