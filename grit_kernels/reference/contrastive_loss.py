@@ -50,13 +50,29 @@ def forward(q, d, targets, temperature: float, normalize: bool):
 
 
 def backward(grad_loss, q, d, targets, temperature: float, normalize: bool):
-    """(dq, dd) in the inputs' dtype for ``forward``'s per-query loss, by autograd in fp32."""
-    with torch.enable_grad():
-        qf = q.detach().float().requires_grad_()
-        df = d.detach().float().requires_grad_()
-        loss = F.cross_entropy(logits(qf, df, temperature, normalize), targets.long(), reduction="none")
-        dq, dd = torch.autograd.grad(loss, (qf, df), grad_loss.float())
+    """(dq, dd) in the inputs' dtype for ``forward``'s per-query loss, written out by hand
+    (a custom op's implementation runs below autograd, so it cannot call autograd):
+
+        dL/dlogits = g_i (softmax_ij - [j = t_i])
+        dq̂ = dL/dlogits @ d̂ / T,   dq = (dq̂ - q̂ (q̂ · dq̂)) / max(|q|, eps)   (likewise dd)
+    """
+    qf, df = q.float(), d.float()
+    x = logits(qf, df, temperature, normalize)
+    onehot = F.one_hot(targets.long(), x.shape[1]).to(x.dtype)
+    G = grad_loss.float()[:, None] * (torch.softmax(x, dim=1) - onehot)
+    q_hat = F.normalize(qf, dim=-1, eps=NORM_EPS) if normalize else qf
+    d_hat = F.normalize(df, dim=-1, eps=NORM_EPS) if normalize else df
+    dq, dd = (G @ d_hat) / temperature, (G.T @ q_hat) / temperature
+    if normalize:
+        dq, dd = _normalize_backward(dq, qf, q_hat), _normalize_backward(dd, df, d_hat)
     return dq.to(q.dtype), dd.to(d.dtype)
+
+
+def _normalize_backward(grad_hat, x, x_hat):
+    norm = x.norm(dim=1, keepdim=True)
+    # Below eps F.normalize divides by the constant eps: no radial term.
+    radial = torch.where(norm > NORM_EPS, x_hat * (x_hat * grad_hat).sum(dim=1, keepdim=True), 0.0)
+    return (grad_hat - radial) / norm.clamp_min(NORM_EPS)
 
 
 def inv_norm(x: torch.Tensor) -> torch.Tensor:
