@@ -1,0 +1,322 @@
+"""Attention over a KV cache in Triton: append kernel, split-KV attention kernel, combine kernel.
+
+Same contract as grit_kernels/reference/attention_kvcache.py. Shapes: q (B, Sq, Hq, D), caches
+(B, S_max, Hkv, D), cache_seqlens (B,) int32, G = Hq // Hkv query heads per KV head.
+
+* ``_append_kv_kernel``: one program per new token (and block of KV heads) copies its k and v
+  rows to ``cache[b, cache_seqlens[b] + s]``. It runs before the attention kernel, as its own
+  launch, so the attention kernel only writes its outputs: autotuning may replay it safely.
+* ``_attn_kernel``: Flash-Decoding. The GQA group is folded into the query rows: one program
+  owns M = Sq * G rows (query i, head g of the group) of one KV head, so each K/V tile is
+  read once for the whole group, and for decode (Sq = 1, G = 4) the 16-row tensor-core tile
+  is not mostly padding. The KV range a block of rows may see (the row's length from
+  cache_seqlens, the causal diagonal, the window) is split into NUM_SPLITS pieces of whole
+  tiles, one program each, so a single sequence still spreads over the SMs. Each piece is
+  split per row at run time from cache_seqlens: no host sync, and rows of very different
+  lengths in one batch each get all the splits.
+  With one split the kernel writes the normalised output directly; with several it writes
+  fp32 partial outputs and their log2-sum-exp.
+* ``_combine_kernel``: merges the partials of each row, weights exp2(lse_s - max lse).
+
+Online softmax in fp32 with exp2 (scale folded with log2(e)). Keys past ``Sk_b`` are never
+loaded: every load is masked to ``n < end <= Sk_b``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _backend
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _append_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr,
+    Sq, Hkv, D, S_max,
+    s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
+    s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    b = (tok // Sq).to(tl.int64)
+    s = (tok % Sq).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    pos = tl.load(seqlens_ptr + b).to(tl.int64) + s
+    # pos < S_max is checked on the host; the mask keeps a bad length from writing out of bounds.
+    # (broadcast first: the interpreter rejects a scalar term in a mask)
+    pos_ok = (tl.zeros((BLOCK_H,), tl.int64) + pos) < S_max
+    ok = ((h < Hkv) & pos_ok)[:, None] & (d < D)[None, :]
+    hh = h.to(tl.int64)[:, None]
+    kx = tl.load(k_ptr + b * s_kb + s * s_ks + hh * s_kh + d[None, :], mask=ok)
+    vx = tl.load(v_ptr + b * s_vb + s * s_vs + hh * s_vh + d[None, :], mask=ok)
+    tl.store(kc_ptr + b * s_kcb + pos * s_kcs + hh * s_kch + d[None, :], kx, mask=ok)
+    tl.store(vc_ptr + b * s_vcb + pos * s_vcs + hh * s_vch + d[None, :], vx, mask=ok)
+
+
+@triton.jit
+def _attn_kernel(
+    q_ptr, kc_ptr, vc_ptr, seqlens_ptr, out_ptr, opart_ptr, lse_ptr,
+    s_qb, s_qs, s_qh,
+    s_kb, s_ks, s_kh,
+    s_vb, s_vs, s_vh,
+    s_ob, s_os, s_oh,
+    B, Sq, Sq_new, Hkv, D, NUM_SPLITS, qk_scale, window_left, window_right, TUNE_KEY,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    mblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // Hkv
+    hkv = bh % Hkv
+    M = Sq * GROUP
+
+    rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = (query i, head g of the group)
+    row_ok = rows < M
+    qi = rows // GROUP
+    head = hkv * GROUP + rows % GROUP
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+
+    seqlen = tl.load(seqlens_ptr + b) + Sq_new  # Sk_b: keys this row attends to
+    off = seqlen - Sq  # query i's diagonal key is i + off (bottom-right aligned)
+
+    # Keys any row of this block may see: [lo, hi).
+    i_lo = (mblk * BLOCK_M) // GROUP
+    i_hi = tl.minimum((mblk * BLOCK_M + BLOCK_M - 1) // GROUP, Sq - 1)
+    hi = seqlen
+    if CAUSAL:
+        hi = tl.minimum(hi, i_hi + off + 1)
+    elif HAS_RIGHT:
+        hi = tl.minimum(hi, i_hi + off + window_right + 1)
+    lo = seqlen * 0
+    if HAS_LEFT:
+        lo = tl.maximum(lo, i_lo + off - window_left)
+    hi = tl.maximum(hi, lo)
+    # This program's share: whole tiles, so every split but the last reads full tiles.
+    n_tiles = tl.cdiv(hi - lo, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    start = lo + split * per_split * BLOCK_N
+    end = tl.minimum(start + per_split * BLOCK_N, hi)
+
+    b64 = b.to(tl.int64)
+    q_off = b64 * s_qb + qi.to(tl.int64)[:, None] * s_qs + head.to(tl.int64)[:, None] * s_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = kc_ptr + b64 * s_kb + hkv.to(tl.int64) * s_kh
+    v_base = vc_ptr + b64 * s_vb + hkv.to(tl.int64) * s_vh
+    diag = (qi + off)[:, None]
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        n64 = n.to(tl.int64)[:, None]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n64 * s_ks + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale
+        visible = n_ok[None, :]
+        if CAUSAL:
+            visible = visible & (n[None, :] <= diag)
+        elif HAS_RIGHT:
+            visible = visible & (n[None, :] <= diag + window_right)
+        if HAS_LEFT:
+            visible = visible & (n[None, :] >= diag - window_left)
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen nothing yet keeps m = -inf: subtract 0 instead (no inf - inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n64 * s_vs + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key: 0, not 0/0
+    if SPLIT:
+        # Partials indexed [split, b, hkv, row]: R = B * Hkv * M rows per split.
+        R = B * Hkv * M
+        flat = split.to(tl.int64) * R + bh.to(tl.int64) * M + rows
+        tl.store(opart_ptr + flat[:, None] * D + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + flat, tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")),
+                 mask=row_ok)
+    else:
+        o_off = b64 * s_ob + qi.to(tl.int64)[:, None] * s_os + head.to(tl.int64)[:, None] * s_oh + d[None, :]
+        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    opart_ptr, lse_ptr, out_ptr,
+    s_ob, s_os, s_oh,
+    R, M, Hkv, D, NUM_SPLITS,
+    GROUP: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)  # flat (b, hkv, row), the partials' row index
+    s = tl.arange(0, BLOCK_S)
+    lse = tl.load(lse_ptr + s.to(tl.int64) * R + r, mask=s < NUM_SPLITS, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # every split empty: weights 0, output 0
+    total = tl.sum(tl.exp2(lse - mx), 0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    # Chunks of splits keep the (splits, D) tile small when there are many splits.
+    for s0 in range(0, NUM_SPLITS, CHUNK):
+        sc = s0 + tl.arange(0, CHUNK)
+        sc_ok = sc < NUM_SPLITS
+        w = tl.exp2(tl.load(lse_ptr + sc.to(tl.int64) * R + r, mask=sc_ok, other=float("-inf")) - mx)
+        o = tl.load(opart_ptr + (sc.to(tl.int64) * R + r)[:, None] * D + d[None, :],
+                    mask=sc_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * o, 0)
+    acc = acc / tl.where(total > 0, total, 1.0)
+    row = r % M
+    bh = r // M
+    b = bh // Hkv
+    head = (bh % Hkv) * GROUP + row % GROUP  # out is (B, Sq, Hq, D), Hq = Hkv * GROUP
+    qi = row // GROUP
+    tl.store(out_ptr + b * s_ob + qi * s_os + head * s_oh + d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------
+
+
+def append_kv(k_cache, v_cache, cache_seqlens, k, v) -> None:
+    """Write k/v (B, Sq, Hkv, D) into k_cache/v_cache (B, S_max, Hkv, D) at cache_seqlens[b]."""
+    B, Sq, Hkv, D = k.shape
+    if B == 0 or Sq == 0 or Hkv == 0:
+        return
+    block_d = triton.next_power_of_2(D)
+    block_h = min(triton.next_power_of_2(Hkv), max(1, 4096 // block_d))
+    _append_kv_kernel[(B * Sq, triton.cdiv(Hkv, block_h))](
+        k, v, k_cache, v_cache, cache_seqlens,
+        Sq, Hkv, D, k_cache.shape[1],
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        BLOCK_H=block_h, BLOCK_D=block_d,
+    )
+
+
+# Fixed config under the interpreter (numpy underneath: small tiles are fastest).
+_INTERPRET_BLOCK_N = 16
+
+
+def _gpu_configs():
+    configs = []
+    for block_n in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                configs.append(triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_attn_kernel():
+    """The attention kernel under triton.autotune, built on first GPU use (nothing at import).
+
+    Safe to replay: the kernel writes only out/opart/lse, never the caches.
+    TUNE_KEY buckets (rows per block, splits, head dim, log2 of the cache capacity), so a
+    new decode length does not re-tune.
+    """
+    return triton.autotune(configs=_gpu_configs(), key=["TUNE_KEY"])(_attn_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits_for(batch_heads: int, m_blocks: int, s_max: int, sms: int, min_keys: int = 128) -> int:
+    """How many programs share one row's KV range.
+
+    Enough programs for about two per SM when batch * KV heads * row blocks falls short
+    (a single decoded sequence has only Hkv = 8 of them), but no fewer than ``min_keys``
+    keys of cache capacity per split, below which the combine costs more than it saves.
+    The capacity S_max stands in for the lengths, which only the device knows; the kernel
+    divides each row's actual range, so short rows leave some splits empty (cheap exits).
+    """
+    base = batch_heads * m_blocks
+    if base >= sms:
+        return 1
+    want = triton.cdiv(2 * sms, base)
+    return max(1, min(want, triton.cdiv(s_max, min_keys), 128))
+
+
+def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, window: tuple[int, int],
+              softmax_scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """q (B, Sq, Hq, D) over the caches (after any append) -> (B, Sq, Hq, D) in q's dtype.
+
+    Row b attends to its first ``cache_seqlens[b] + Sq_new`` cache positions. ``num_splits``
+    overrides the heuristic (tests use it to exercise both the direct and combine paths).
+    """
+    B, Sq, Hq, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    M = Sq * group
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    m_blocks = triton.cdiv(M, block_m)
+    interpret = _backend.triton_interpret() or not q.is_cuda
+    if num_splits is None:
+        if interpret:  # pretend to be a small GPU so that CPU tests split small caches too
+            num_splits = num_splits_for(B * Hkv, m_blocks, S_max, sms=16, min_keys=16)
+        else:
+            num_splits = num_splits_for(B * Hkv, m_blocks, S_max, _sm_count(q.device.index or 0))
+    split = num_splits > 1
+    block_d = triton.next_power_of_2(D)
+    left, right = window
+    if split:
+        R = B * Hkv * M
+        opart = torch.empty((num_splits, R, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((num_splits, R), dtype=torch.float32, device=q.device)
+    else:
+        opart = lse = out  # unused pointers
+    args = (
+        q, k_cache, v_cache, cache_seqlens, out, opart, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        B, Sq, Sq_new, Hkv, D, num_splits, softmax_scale * LOG2E, left, right,
+    )
+    meta = dict(
+        GROUP=group, CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=(not causal) and right >= 0,
+        SPLIT=split, IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_D=block_d,
+    )
+    grid = (m_blocks, B * Hkv, num_splits)
+    if interpret:
+        _attn_kernel[grid](*args, 0, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
+    else:
+        tune_key = ((block_m * 1024 + min(num_splits, 128)) * 512 + block_d) * 64 + int(math.log2(max(S_max, 1)))
+        _tuned_attn_kernel()[grid](*args, tune_key, **meta)
+    if split:
+        block_s = triton.next_power_of_2(num_splits)
+        _combine_kernel[(R,)](
+            opart, lse, out, out.stride(0), out.stride(1), out.stride(2), R, M, Hkv, D, num_splits,
+            GROUP=group, BLOCK_S=block_s, CHUNK=min(block_s, 16), BLOCK_D=block_d,
+        )
+    return out
