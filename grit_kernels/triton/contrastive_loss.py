@@ -25,8 +25,8 @@ H = g (p - onehot) / max|g| for that group in the inputs' dtype (|H| <= 1, so ne
 fp16 nor bf16 under- or overflows); two cuBLAS GEMMs (deterministic, fp32 accumulation)
 then give that group's dd in full and its share of dq. FLOPs: 2BND recompute + 2 * 2BND
 GEMMs, the minimum for a recomputing backward. The GEMMs take the normalised q̂ and d̂
-(a (B + N, D) copy made in the backward only), and the Jacobian of the normalisation is
-applied to their (B, D) / (chunk, D) results in fp32.
+(a (B + N, D) copy made in the backward only), and a row kernel applies the Jacobian of
+the normalisation to their (B, D) / (group, D) results in fp32.
 """
 
 from __future__ import annotations
@@ -147,6 +147,40 @@ def _bwd_grad_logits_kernel(
     tl.store(ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _project_kernel(g_ptr, x_ptr, inv_ptr, scale_ptr, out_ptr, D, eps,
+                    NORMALIZE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out_r = inv_r (v_r - x̂_r (x̂_r · v_r)) with v_r = scale * g_r, x̂_r = inv_r x_r: the
+    Jacobian of x / max(|x|, eps) applied to dL/dx̂ (no radial term when |x| <= eps, where
+    the division is by a constant). Without normalisation out_r = v_r. One row per program,
+    fp32 inside, so the (rows, D) fp32 temporaries of doing this in torch never exist."""
+    r = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr)
+    if NORMALIZE:
+        inv = tl.load(inv_ptr + r)
+        dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            g = tl.load(g_ptr + r * D + ks, mask=ks < D, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + r * D + ks, mask=ks < D, other=0.0).to(tl.float32)
+            dot += g * x
+            sq += x * x
+        big = tl.sqrt(tl.sum(sq, axis=0)) > eps
+        radial = tl.where(big, tl.sum(dot, axis=0) * scale * inv * inv, 0.0)  # x̂ · v / |x| per unit x̂
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            g = tl.load(g_ptr + r * D + ks, mask=ks < D, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + r * D + ks, mask=ks < D, other=0.0).to(tl.float32)
+            out = inv * (g * scale - x * radial)
+            tl.store(out_ptr + r * D + ks, out.to(out_ptr.dtype.element_ty), mask=ks < D)
+    else:
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            g = tl.load(g_ptr + r * D + ks, mask=ks < D, other=0.0).to(tl.float32)
+            tl.store(out_ptr + r * D + ks, (g * scale).to(out_ptr.dtype.element_ty), mask=ks < D)
+
+
 # ---------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------
@@ -231,13 +265,13 @@ def backward(grad_loss, q, d, targets, lse, a, b, temperature: float, normalize:
         rd, d_hat = row_scales(d, 1.0, True, write_hat=True)
     else:
         rq, q_hat, rd, d_hat = None, q, None, d
-    out_scale = g_scale / temperature  # H @ d̂ = T / g_scale * dL/dq̂
+    out_scale = (g_scale / temperature).reshape(1)  # H @ d̂ = dL/dq̂ * T / g_scale
 
     elt = q.element_size()
     group = max(cfg["BLOCK_N"], (MAX_GROUP_BYTES // max(B * elt, 1)) // cfg["BLOCK_N"] * cfg["BLOCK_N"])
     group = min(group, triton.cdiv(N, cfg["BLOCK_N"]) * cfg["BLOCK_N"])
     dd = torch.empty_like(d)
-    u = None  # dL/dq̂ * (T / g_scale), accumulated over groups in fp32 when there are several
+    u = None  # dL/dq̂ * (T / g_scale), summed over groups in fp32 when there are several
     h_buf = torch.empty(B * min(group, N), dtype=q.dtype, device=q.device)
     precision = _input_precision(q)
     for c0 in range(0, N, group):
@@ -247,20 +281,24 @@ def backward(grad_loss, q, d, targets, lse, a, b, temperature: float, normalize:
         _bwd_grad_logits_kernel[grid](q, d, a, b, targets, lse, g, hc, B, N, D, c0, nc,
                                       INPUT_PRECISION=precision, **cfg)
         w = hc.T @ q_hat  # (nc, D): this group's dL/dd̂ * (T / g_scale), complete
-        dd[c0:c0 + nc] = _project(w.float() * out_scale, d[c0:c0 + nc], None if rd is None else rd[c0:c0 + nc]).to(d.dtype)
-        part = (hc @ d_hat[c0:c0 + nc]).float()  # (B, D): this group's share of dL/dq̂
-        u = part if u is None else u.add_(part)
-    dq = _project(u * out_scale, q, rq).to(q.dtype)
+        _project(w, d[c0:c0 + nc], None if rd is None else rd[c0:c0 + nc], out_scale, dd[c0:c0 + nc])
+        part = hc @ d_hat[c0:c0 + nc]  # (B, D): this group's share of dL/dq̂
+        if c0 + nc >= N and u is None:
+            u = part  # a single group: no fp32 accumulator at all
+        elif u is None:
+            u = part.float()
+        else:
+            u += part.float()
+    dq = torch.empty_like(q)
+    _project(u, q, rq, out_scale, dq)
     return dq, dd
 
 
-def _project(grad_hat, x, inv):
-    """dL/dx (fp32) from dL/dx̂ for x̂ = x * inv, inv = 1 / max(|x|, eps); identity when inv is None."""
-    if inv is None:
-        return grad_hat
-    x = x.float()
-    x_hat = x * inv[:, None]
-    radial = (x_hat * grad_hat).sum(dim=1, keepdim=True)
-    # Below eps the division is by the constant eps: linear, no radial term.
-    big = (x.norm(dim=1) > NORM_EPS)[:, None]
-    return inv[:, None] * (grad_hat - torch.where(big, x_hat * radial, 0.0))
+def _project(grad_hat, x, inv, scale, out):
+    """out (R, D) = dL/dx from grad_hat = dL/dx̂ / scale, for x̂ = x * inv (identity when inv is None)."""
+    R, D = x.shape
+    if R == 0:
+        return
+    block_d = min(triton.next_power_of_2(D), 1024)
+    _project_kernel[(R,)](grad_hat.contiguous(), x, inv if inv is not None else scale, scale, out, D, NORM_EPS,
+                          NORMALIZE=inv is not None, BLOCK_D=block_d)
