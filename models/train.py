@@ -1,0 +1,213 @@
+"""GRIT training entry point.
+
+    python -m grit_models.train --model PATH [--embedding-data E.jsonl] [--generative-data G.jsonl] \\
+        --output-dir OUT [--max-steps N] [--batch-size 8] [--gen-batch-size 8] ...
+    torchrun --nproc-per-node 8 -m grit_models.train --model PATH ... --strategy fsdp
+
+Without data arguments it trains on the small sample bundled with the package
+(grit_models/data/*.jsonl). AdamW, linear warm-up then linear decay; bf16 autocast on GPU;
+a progress bar with both losses; checkpoints every ``--save-steps`` (HF safetensors that
+``load_checkpoint``/``GritModel`` read, plus optimiser/scheduler/RNG state);
+``--resume OUT`` (or a checkpoint folder) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import training as T
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m grit_models.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="local HF checkpoint folder (Mistral or Mixtral)")
+    p.add_argument("--embedding-data", default=None, help="embedding JSONL (default: the bundled sample)")
+    p.add_argument("--generative-data", default=None, help="generative JSONL (default: the bundled sample)")
+    p.add_argument("--mode", choices=T.MODES, default="unified")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8, help="global embedding batch (queries) per step")
+    p.add_argument("--gen-batch-size", type=int, default=8, help="global generative batch (sequences) per step")
+    p.add_argument("--emb-chunk-size", type=int, default=None,
+                   help="GradCache chunk per GPU (rows per forward); default: no GradCache")
+    p.add_argument("--gen-chunk-size", type=int, default=None, help="generative sequences per forward per GPU")
+    p.add_argument("--train-group-size", type=int, default=2, help="1 positive + (G-1) hard negatives per query")
+    p.add_argument("--query-max-len", type=int, default=256)
+    p.add_argument("--passage-max-len", type=int, default=2048)
+    p.add_argument("--generative-max-len", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.02)
+    p.add_argument("--no-normalized", dest="normalized", action="store_false")
+    p.add_argument("--pooling-method", choices=("mean", "weightedmean"), default="mean")
+    p.add_argument("--no-negatives-cross-device", dest="negatives_cross_device", action="store_false")
+    p.add_argument("--loss-gen-type", choices=T.LOSS_GEN_TYPES, default="mixed")
+    p.add_argument("--loss-gen-factor", type=float, default=1.0)
+    p.add_argument("--router-aux-loss-coef", type=float, default=None, help="Mixtral; default: config.json's")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.999)
+    p.add_argument("--adam-eps", type=float, default=1e-8)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--strategy", choices=("auto", "none", "ddp", "fsdp"), default="auto",
+                   help="auto: ddp under torchrun (WORLD_SIZE > 1), else none")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: on GPU)")
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", default=None, help="an output dir (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--log-file", default=None, help="JSON lines of per-step losses (default OUT/log.jsonl)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _check_args(a) -> None:
+    for name in ("max_steps", "batch_size", "gen_batch_size", "train_group_size"):
+        if getattr(a, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(a, name)}")
+    if a.save_steps < 0:
+        raise SystemExit(f"--save-steps: expected >= 0, got {a.save_steps}")
+    if a.lr <= 0:
+        raise SystemExit(f"--lr: expected > 0, got {a.lr}")
+    if not 0 <= a.warmup_ratio <= 1:
+        raise SystemExit(f"--warmup-ratio: expected a value in [0, 1], got {a.warmup_ratio}")
+
+
+def _setup_distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=30))
+    return device
+
+
+def train(argv=None) -> dict:
+    """Run training; returns {"history": [per-step dict], "output_dir": ...}."""
+    a = build_parser().parse_args(argv)
+    _check_args(a)
+    device = _setup_distributed()
+    rank, world = T._dist()
+    strategy = a.strategy if a.strategy != "auto" else ("ddp" if world > 1 else "none")
+    if strategy != "none" and world == 1 and not torch.distributed.is_initialized():
+        raise SystemExit(f"--strategy {strategy}: needs torch.distributed (run under torchrun)")
+    use_bf16 = a.bf16 == "on" or (a.bf16 == "auto" and device.type == "cuda")
+
+    out_dir = Path(a.output_dir)
+    resume = None
+    if a.resume:
+        resume = T.resolve_resume(a.resume)
+        if resume is None:
+            raise SystemExit(f"--resume: {a.resume} holds no checkpoint (no training_state.pt, no 'latest' marker)")
+
+    # Data (read and checked before the model, so that bad input fails fast).
+    emb_path = a.embedding_data or (T.SAMPLE_EMBEDDING if a.generative_data is None else None)
+    gen_path = a.generative_data or (T.SAMPLE_GENERATIVE if a.embedding_data is None else None)
+    want_emb, want_gen = a.mode in ("unified", "embedding"), a.mode in ("unified", "generative")
+    if want_emb and emb_path is None:
+        raise SystemExit(f"--embedding-data: required in mode {a.mode!r}")
+    if want_gen and gen_path is None:
+        raise SystemExit(f"--generative-data: required in mode {a.mode!r}")
+    emb = T.load_embedding_data(emb_path) if want_emb else None
+    gen = T.load_generative_data(gen_path) if want_gen else None
+    data_cfg = T.DataConfig(batch_size=a.batch_size, gen_batch_size=a.gen_batch_size,
+                            train_group_size=a.train_group_size, query_max_len=a.query_max_len,
+                            passage_max_len=a.passage_max_len, generative_max_len=a.generative_max_len, seed=a.seed)
+    data = T.GritData(T.TextEncoder(a.model), data_cfg, emb, gen)
+    for name, total in (("batch-size", a.batch_size), ("gen-batch-size", a.gen_batch_size)):
+        if total % world:
+            raise SystemExit(f"--{name}: {total} is not divisible by the world size {world}")
+
+    torch.manual_seed(a.seed)
+    source = Path(a.model)
+    model = T.load_model(resume if resume else source, device)
+    train_model = T.GritTrainModel(model, pooling_method=a.pooling_method,
+                                   gradient_checkpointing=a.gradient_checkpointing,
+                                   loss_gen_type=a.loss_gen_type, loss_gen_factor=a.loss_gen_factor,
+                                   router_aux_loss_coef=a.router_aux_loss_coef)
+    module = T.wrap(train_model, strategy, device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps,
+                                  weight_decay=a.weight_decay)
+    warmup = a.warmup_steps if a.warmup_steps is not None else int(round(a.warmup_ratio * a.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, T.warmup_linear(warmup, a.max_steps))
+    start = 0
+    if resume:
+        state = T.load_training_state(resume, module, optimizer, scheduler)
+        start = state["step"]
+    step_fn = T.GritStep(module, T.StepConfig(
+        temperature=a.temperature, normalized=a.normalized, negatives_cross_device=a.negatives_cross_device,
+        emb_chunk_size=a.emb_chunk_size, gen_chunk_size=a.gen_chunk_size,
+        autocast_dtype=torch.bfloat16 if use_bf16 else None))
+
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(vars(a), indent=2, default=str))
+    log_path = Path(a.log_file) if a.log_file else out_dir / "log.jsonl"
+    bar = None
+    if a.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=a.max_steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    history = []
+    module.train()
+    for step in range(start, a.max_steps):
+        t0 = time.perf_counter()
+        batch = data.local_batch(step, rank, world, device)
+        optimizer.zero_grad(set_to_none=True)
+        losses = step_fn(batch)
+        if a.max_grad_norm > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(module.parameters(), a.max_grad_norm)
+            losses["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        optimizer.step()
+        scheduler.step()
+        if world > 1 and "loss_gen" in losses:  # report the mean over ranks
+            t = torch.tensor([losses["loss_gen"]], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            losses["loss_gen"] = float(t) / world
+            losses["loss"] = losses.get("loss_emb", 0.0) + losses["loss_gen"]
+        losses.update(step=step + 1, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
+        history.append(losses)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(losses) + "\n")
+        if bar is not None:
+            bar.set_postfix({k: f"{losses[k]:.4f}" for k in ("loss_emb", "loss_gen") if k in losses})
+            bar.update(1)
+        if (a.save_steps and (step + 1) % a.save_steps == 0) or step + 1 == a.max_steps:
+            T.save_training_state(out_dir / f"checkpoint-{step + 1}", module, optimizer, scheduler, step + 1,
+                                  source if not resume else resume)
+    if bar is not None:
+        bar.close()
+    return {"history": history, "output_dir": str(out_dir)}
+
+
+def main(argv=None) -> int:
+    try:
+        train(argv)
+    except T.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""GRIT training (grit_models.training / grit_models.train) on tiny random checkpoints, CPU.
+
+Oracles: transformers' Mistral/Mixtral with gritlm's loss formulas written out here (padded
+batches, masked mean pooling, HF's shifted cross-entropy); the unchunked single-process step
+for GradCache and for 2-process gloo runs (DDP and FSDP2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grit_models import load_checkpoint
+from grit_models import training as T
+from grit_models.testing import SPECIAL_TOKENS, make_checkpoint
+
+DATA = Path(__file__).resolve().parent.parent / "models" / "data"
+EMB_FILE, GEN_FILE = DATA / "embedding.jsonl", DATA / "generative.jsonl"
+SMALL = dict(query_max_len=24, passage_max_len=40, generative_max_len=40)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _tokenizer():
+    """Word-level tokenizer over the bundled sample's words (lower-cased, punctuation split),
+    so that no sample token is <unk>; BOS added by the post-processor like Mistral's."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = set()
+    for f in (EMB_FILE, GEN_FILE):
+        words.update(re.findall(r"\w+|[^\w\s]", f.read_text().lower()))
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in sorted(words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<|user|>", "<|embed|>", "<|assistant|>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return tok, len(vocab)
+
+
+def _checkpoint(path, arch="mistral", **overrides):
+    tok, n_vocab = _tokenizer()
+    cfg = dict(vocab_size=n_vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    make_checkpoint(path, arch, **{**cfg, **overrides})
+    tok.save(str(Path(path) / "tokenizer.json"))
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("mistral"))
+
+
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("mixtral"), "mixtral", intermediate_size=48, router_aux_loss_coef=0.3)
+
+
+def _data(ckpt, *, batch_size=4, gen_batch_size=4, emb=None, gen=None, **kw):
+    emb = T.load_embedding_data(EMB_FILE) if emb is None else emb
+    gen = T.load_generative_data(GEN_FILE) if gen is None else gen
+    cfg = T.DataConfig(batch_size=batch_size, gen_batch_size=gen_batch_size, **{**SMALL, **kw})
+    return T.GritData(T.TextEncoder(ckpt), cfg, emb, gen)
+
+
+def assert_grad_close(got, want, name, tol=1e-4):
+    """Max error relative to the tensor's largest entry: gradients span many orders of
+    magnitude, so an elementwise rtol would judge the near-zero entries by atol alone."""
+    assert got is not None and got.shape == want.shape, name
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= tol * scale + 1e-8, f"{name}: max error {err:.3e} vs max |grad| {scale:.3e}"
+
+
+def _grads(module):
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+GOOD_EMB = json.dumps({"query": ["Find it", "what is a cat ?"], "pos": [["", "a cat is an animal ."]],
+                       "neg": [["", "a dog is an animal ."]]})
+
+
+@pytest.mark.parametrize("lines, match", [
+    ([GOOD_EMB, GOOD_EMB, '{"query": ["a", "b"], "pos": [["", "c"]'], r"emb\.jsonl:3: not valid JSON"),
+    ([GOOD_EMB, '{"query": ["a", "b"], "neg": []}'], r"emb\.jsonl:2: missing field 'pos'"),
+    (['{"pos": [["", "c"]], "neg": []}'], r":1: missing field 'query'"),
+    ([GOOD_EMB, '{"query": ["a", "b", "c"], "pos": [["", "c"]], "neg": []}'], r":2: field 'query': expected \[instruction, text\]"),
+    (['{"query": ["a", "b"], "pos": [], "neg": []}'], r":1: field 'pos' is empty"),
+    (['{"query": ["a", "b"], "pos": "x", "neg": []}'], r":1: field 'pos': expected a list"),
+    (['{"query": ["a", ""], "pos": [["", "c"]], "neg": []}'], r":1: field 'query': the text is empty"),
+    (['[1, 2]'], r":1: expected a JSON object"),
+    ([], r"emb\.jsonl: the embedding data is empty"),
+    (["", "  "], r"the embedding data is empty"),
+])
+def test_embedding_data_errors(tmp_path, lines, match):
+    with pytest.raises(T.DataError, match=match):
+        T.load_embedding_data(_write(tmp_path / "emb.jsonl", lines))
+
+
+@pytest.mark.parametrize("lines, match", [
+    (['{"text": ["q", "a"]}', '{"txt": ["q", "a"]}'], r"gen\.jsonl:2: missing field 'text'"),
+    (['{"text": ["q", "a", "q2"]}'], r":1: field 'text': expected user/assistant pairs"),
+    (['{"text": "q"}'], r":1: field 'text': expected a non-empty list of strings"),
+    (['{"text": ["q", 3]}'], r":1: field 'text': expected a non-empty list of strings"),
+    (['{"text": ["q", "a"]}', 'nope'], r"gen\.jsonl:2: not valid JSON"),
+    ([], r"the generative data is empty"),
+])
+def test_generative_data_errors(tmp_path, lines, match):
+    with pytest.raises(T.DataError, match=match):
+        T.load_generative_data(_write(tmp_path / "gen.jsonl", lines))
+
+
+def test_dataset_level_errors(ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        T.load_embedding_data(tmp_path / "missing.jsonl")
+    no_neg = T.load_embedding_data(_write(tmp_path / "e.jsonl", ['{"query": ["", "cat"], "pos": [["", "dog"]], "neg": []}']))
+    with pytest.raises(T.DataError, match="no 'neg' but train_group_size=2"):
+        _data(ckpt, emb=no_neg)
+    with pytest.raises(T.DataError, match="embedding data: the dataset is empty"):
+        _data(ckpt, emb=[])
+    # An instruction that fills query_max_len leaves nothing to embed: dropped, then empty.
+    long_instr = T.load_embedding_data(_write(tmp_path / "l.jsonl", [json.dumps(
+        {"query": ["what is " * 20, "cat"], "pos": [["", "dog"]], "neg": [["", "cat"]]})]))
+    with pytest.warns(UserWarning, match="dropped 1 of 1"), pytest.raises(T.DataError, match="no example left"):
+        _data(ckpt, emb=long_instr)
+    with pytest.raises(ValueError, match="batch_size: expected a positive integer"):
+        _data(ckpt, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size: the global batch 4 must be divisible by the world size 3"):
+        _data(ckpt).local_batch(0, 0, 3)
+
+
+def test_cli_reports_bad_lines(ckpt, tmp_path, capsys):
+    from grit_models.train import main
+
+    bad = _write(tmp_path / "bad.jsonl", [GOOD_EMB, "{oops"])
+    rc = main(["--model", str(ckpt), "--embedding-data", str(bad), "--generative-data", str(GEN_FILE),
+               "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_formats_follow_gritlm(ckpt):
+    """Token ids and masks against gritlm's collator rules, spelled out independently."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    ids = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    enc = T.TextEncoder(ckpt)
+    got, skip = enc.embedding([(" Find the answer: ", "what is a cat ?"), ("", "a cat is an animal .")], 100)
+    assert got[0] == ids("<s><|user|>\nFind the answer\n<|embed|>\nwhat is a cat ?")
+    assert skip[0] == len(ids("<s><|user|>\nFind the answer\n<|embed|>\n")) == 9
+    assert got[1] == ids("<s><|embed|>\na cat is an animal .") and skip[1] == 3
+
+    # Single turn: gritlm masks len(tokenize(BOS + user prompt)) tokens, keeps the rest.
+    g_ids, labels = enc.generative(["what is a cat ?", " a cat is an animal . "], 100)
+    assert g_ids == ids("<s><|user|>\nwhat is a cat ?\n<|assistant|>\na cat is an animal .</s>")
+    n_user = len(ids("<s><|user|>\nwhat is a cat ?\n<|assistant|>\n"))
+    assert labels == [-100] * n_user + g_ids[n_user:]
+    # Two turns: exactly the assistant turns and their </s> are targets.
+    g_ids, labels = enc.generative(["what is two ?", "two .", "and three ?", "three ."], 100)
+    assert g_ids == ids("<s><|user|>\nwhat is two ?\n<|assistant|>\ntwo .</s>\n<|user|>\nand three ?\n<|assistant|>\nthree .</s>")
+    assert [t for t in labels if t != -100] == ids("two .</s>") + ids("three .</s>")
+    assert labels[-1] != -100 and labels[-len(ids("three .</s>")) - 1] == -100
+    # Truncation keeps the first tokens.
+    assert enc.generative(["what is two ?", "two ."], 5)[0] == g_ids[:5]
+
+
+# ----------------------------------------------------------------------------- loss vs transformers
+
+
+def _hf_padded(rows, pad=0):
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _hf_embed(hf_model, items):
+    """gritlm's encode: bidirectional pass, instruction zeroed in the pooling mask, mean, normalise."""
+    ids, mask = _hf_padded([r for r, _ in items])
+    out = hf_model.model(input_ids=ids, attention_mask=mask, is_causal=False).last_hidden_state
+    pool = mask.clone()
+    for i, (_, skip) in enumerate(items):
+        pool[i, :skip] = 0
+    m = pool.unsqueeze(-1).to(out.dtype)
+    reps = (out * m).sum(1) / m.sum(1)
+    return F.normalize(reps, dim=-1)
+
+
+def _hf_gen_loss(hf_model, rows, labels, loss_gen_type, factor):
+    """gritlm's NextTokenLoss on a right-padded batch."""
+    ids, mask = _hf_padded(rows)
+    lab = torch.full_like(ids, -100)
+    for i, l in enumerate(labels):
+        lab[i, :len(l)] = torch.tensor(l)
+    logits = hf_model(input_ids=ids, attention_mask=mask).logits
+    sl, st = logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1)
+    if loss_gen_type == "mixed":
+        return F.cross_entropy(sl, st) * factor
+    return F.cross_entropy(sl, st, reduction="sum") / ids.shape[0] * factor
+
+
+def _single_turn_gen(ckpt):
+    """Single-turn examples only (gritlm's user-turn length rule is exact there), with labels
+    from that rule: everything up to the assistant text masked."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    gen = [t for t in T.load_generative_data(GEN_FILE) if len(t) == 2][:4]
+    rows, labels = [], []
+    for u, a in gen:
+        r = tok.encode(f"<s><|user|>\n{u}\n<|assistant|>\n{a.strip()}</s>", add_special_tokens=False).ids[:40]
+        n = len(tok.encode(f"<s><|user|>\n{u}\n<|assistant|>\n", add_special_tokens=False).ids)
+        rows.append(r)
+        labels.append([-100] * n + r[n:])
+    return gen, rows, labels
+
+
+@pytest.mark.parametrize("loss_gen_type, factor", [("mixed", 1.0), ("token", 0.5)])
+def test_unified_loss_and_grads_match_transformers(ckpt, loss_gen_type, factor):
+    import transformers
+
+    gen, gen_rows, gen_labels = _single_turn_gen(ckpt)
+    data = _data(ckpt, batch_size=3, gen_batch_size=4, gen=gen)
+    batch = data.local_batch(0)
+    model = T.GritTrainModel(T.load_model(ckpt, "cpu"), loss_gen_type=loss_gen_type, loss_gen_factor=factor)
+    got = T.GritStep(model, T.StepConfig())(batch)
+
+    hf = transformers.MistralForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    g = data.global_batch(0)
+    q, d = _hf_embed(hf, g["query"]), _hf_embed(hf, g["passage"])
+    scores = q @ d.T / 0.02
+    loss_emb = F.cross_entropy(scores, torch.arange(3) * 2)
+    # The generative batch is the 4 examples in some order; the loss does not depend on it.
+    loss_gen = _hf_gen_loss(hf, gen_rows, gen_labels, loss_gen_type, factor)
+    (loss_emb + loss_gen).backward()
+
+    assert got["loss_emb"] == pytest.approx(loss_emb.item(), rel=1e-5)
+    assert got["loss_gen"] == pytest.approx(loss_gen.item(), rel=1e-5)
+    assert loss_emb.item() > 0.1 and loss_gen.item() > 0.1
+    ours = dict(model.model.named_parameters())
+    hp = dict(hf.named_parameters())
+    pairs = [("embed", "model.embed_tokens.weight"), ("lm_head", "lm_head.weight"),
+             ("layers.1.mlp_norm.weight", "model.layers.1.post_attention_layernorm.weight"),
+             ("layers.0.attn.wo", "model.layers.0.self_attn.o_proj.weight")]
+    for a, b in pairs:
+        assert_grad_close(ours[a].grad, hp[b].grad, f"grad of {a}")
+    q_rows = hp["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    assert_grad_close(ours["layers.0.attn.wqkv"].grad[:q_rows], hp["model.layers.0.self_attn.q_proj.weight"].grad,
+                      "grad of q_proj")
+
+
+def test_mixtral_generative_loss_matches_transformers(moe_ckpt):
+    """Mixtral: next-token loss + router_aux_loss_coef x load-balancing loss, as HF's
+    MixtralForCausalLM(labels=..., output_router_logits=True).loss on a padded batch."""
+    import transformers
+
+    gen, rows, labels = _single_turn_gen(moe_ckpt)
+    items = [(r, lab[1:] + [-100]) for r, lab in zip(rows, labels)]
+    model = T.GritTrainModel(T.load_model(moe_ckpt, "cpu"))
+    assert model.router_aux_loss_coef == 0.3
+    ours = model("gen", T.generative_tensors(items))
+
+    hf = transformers.MixtralForCausalLM.from_pretrained(moe_ckpt, dtype=torch.float32)
+    ids, mask = _hf_padded(rows)
+    lab = torch.full_like(ids, -100)
+    for i, l in enumerate(labels):
+        lab[i, :len(l)] = torch.tensor(l)
+    out = hf(input_ids=ids, attention_mask=mask, labels=lab, output_router_logits=True)
+    assert out.aux_loss.item() > 0.5
+    torch.testing.assert_close(ours, out.loss, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- GradCache, checkpointing
+
+
+def test_gradcache_and_checkpointing_equal_unchunked_step(ckpt):
+    """GradCache (chunks of 2 and 3 of 5 queries / 10 documents) and per-layer checkpointing
+    give the loss and gradients of the plain unchunked step."""
+    batch = _data(ckpt, batch_size=5, gen_batch_size=4).local_batch(3)
+    for emb_chunk, gen_chunk, ckpting in ((2, None, False), (3, 2, True)):
+        ref = T.GritTrainModel(T.load_model(ckpt, "cpu"))
+        want = T.GritStep(ref, T.StepConfig(gen_chunk_size=gen_chunk))(batch)
+        m = T.GritTrainModel(T.load_model(ckpt, "cpu"), gradient_checkpointing=ckpting)
+        got = T.GritStep(m, T.StepConfig(emb_chunk_size=emb_chunk, gen_chunk_size=gen_chunk))(batch)
+        assert got["loss_emb"] == pytest.approx(want["loss_emb"], rel=1e-6)
+        assert got["loss_gen"] == pytest.approx(want["loss_gen"], rel=1e-6)
+        want_g, got_g = _grads(ref), _grads(m)
+        assert len(want_g) == len(got_g) == len(list(ref.parameters()))
+        for n, g in want_g.items():
+            assert_grad_close(got_g[n], g, f"grad of {n}")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, world, port, ckpt, out_dir, strategy):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data = _data(Path(ckpt), batch_size=4, gen_batch_size=4)
+        tm = T.GritTrainModel(T.load_model(ckpt, "cpu"))
+        module = T.wrap(tm, strategy, torch.device("cpu"))
+        step = T.GritStep(module, T.StepConfig(emb_chunk_size=1, gen_chunk_size=1))
+        losses = step(data.local_batch(0, rank, world))
+        t = torch.tensor([losses["loss_gen"]], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        losses["loss_gen"] = float(t) / world
+        grads = {}
+        for n, p in tm.model.named_parameters():
+            g = p.grad
+            grads[n] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+        opt = torch.optim.SGD(module.parameters(), lr=0.5)
+        opt.step()
+        T.save_training_state(Path(out_dir) / "ckpt", module, opt, None, 1, ckpt)
+        if rank == 0:
+            torch.save({"losses": losses, "grads": grads}, Path(out_dir) / "result.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_step_equals_one_process(ckpt, tmp_path, strategy):
+    """2 gloo ranks with 2 queries and 2 sequences each == 1 process holding all 4 (same
+    loss, same gradients, same weights after an SGD step saved through the checkpoint)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_dist_worker, args=(2, _free_port(), str(ckpt), str(tmp_path), strategy), nprocs=2,
+                       join=True, start_method="spawn")
+    res = torch.load(tmp_path / "result.pt")
+
+    data = _data(ckpt, batch_size=4, gen_batch_size=4)
+    tm = T.GritTrainModel(T.load_model(ckpt, "cpu"))
+    # One process: the "mixed" gen loss of 2 ranks x 1-sequence chunks is the mean of 4 chunk means.
+    want = T.GritStep(tm, T.StepConfig(gen_chunk_size=1))(data.local_batch(0))
+    assert res["losses"]["loss_emb"] == pytest.approx(want["loss_emb"], rel=1e-5)
+    assert res["losses"]["loss_gen"] == pytest.approx(want["loss_gen"], rel=1e-5)
+    for n, p in tm.model.named_parameters():
+        assert_grad_close(res["grads"][n], p.grad, f"grad of {n} ({strategy})")
+    with torch.no_grad():
+        for p in tm.model.parameters():
+            p -= 0.5 * p.grad
+    saved = load_checkpoint(tmp_path / "ckpt")
+    for (n, a), b in zip(saved.named_parameters(), tm.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"saved {n} ({strategy})")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _train(ckpt, out, *extra):
+    from grit_models.train import train
+
+    args = ["--model", str(ckpt), "--output-dir", str(out), "--no-progress", "--batch-size", "8",
+            "--gen-batch-size", "4", "--query-max-len", "24", "--passage-max-len", "40",
+            "--generative-max-len", "40", *extra]
+    return train(args)["history"]
+
+
+def test_training_lowers_losses_and_raises_retrieval(ckpt, tmp_path):
+    lines = EMB_FILE.read_text().splitlines()
+    train_file = _write(tmp_path / "train.jsonl", lines[:-8])
+    held = T.load_embedding_data(_write(tmp_path / "held.jsonl", lines[-8:]))
+    enc = T.TextEncoder(ckpt)
+
+    def accuracy(path):
+        m = T.GritTrainModel(T.load_model(path, "cpu"))
+        q, qs = enc.embedding([e.query for e in held], 24)
+        d, ds = enc.embedding([e.pos[0] for e in held], 40)
+        return T.retrieval_accuracy(m, T.embedding_tensors(list(zip(q, qs))), T.embedding_tensors(list(zip(d, ds))))
+
+    hist = _train(ckpt, tmp_path / "out", "--embedding-data", str(train_file), "--generative-data", str(GEN_FILE),
+                  "--max-steps", "30", "--lr", "3e-3", "--warmup-steps", "3", "--emb-chunk-size", "4")
+    first = lambda k: sum(h[k] for h in hist[:5]) / 5  # noqa: E731
+    last = lambda k: sum(h[k] for h in hist[-5:]) / 5  # noqa: E731
+    assert last("loss_emb") < 0.7 * first("loss_emb"), [h["loss_emb"] for h in hist]
+    assert last("loss_gen") < 0.8 * first("loss_gen"), [h["loss_gen"] for h in hist]
+    before, after = accuracy(ckpt), accuracy(tmp_path / "out" / "checkpoint-30")
+    assert after > before and after >= 0.5, (before, after)
+
+
+def test_resume_is_bit_for_bit(ckpt, tmp_path):
+    steps = ["--max-steps", "4", "--lr", "1e-3", "--warmup-steps", "1", "--emb-chunk-size", "4",
+             "--save-steps", "2", "--gradient-checkpointing"]
+    full = _train(ckpt, tmp_path / "a", *steps)
+    resumed = _train(ckpt, tmp_path / "b", *steps, "--resume", str(tmp_path / "a" / "checkpoint-2"))
+    assert [h["step"] for h in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        assert (a["loss_emb"], a["loss_gen"], a["lr"]) == (b["loss_emb"], b["loss_gen"], b["lr"])
+    # Resuming from the output folder picks its latest checkpoint (the final one here).
+    assert T.resolve_resume(tmp_path / "a") == tmp_path / "a" / "checkpoint-4"
+    a = load_checkpoint(tmp_path / "a" / "checkpoint-4")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint-4")
+    for (n, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), n
+
+
+@pytest.mark.parametrize("arch", ["mistral", "mixtral"])
+def test_saved_model_reads_back_in_transformers(ckpt, moe_ckpt, tmp_path, arch):
+    """save_model writes HF names: transformers and load_checkpoint read it back to the same
+    logits as the model in memory."""
+    import transformers
+
+    src = ckpt if arch == "mistral" else moe_ckpt
+    tm = T.GritTrainModel(T.load_model(src, "cpu"))
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    T.save_model(tm, tmp_path / "saved", src)
+    cls = transformers.MistralForCausalLM if arch == "mistral" else transformers.MixtralForCausalLM
+    hf = cls.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    ids = torch.tensor([[1, 3, 6, 40, 50, 60, 6, 5, 6, 70, 80]])
+    want = hf(input_ids=ids).logits[0]
+    with torch.no_grad():
+        ours = tm.model.logits(tm.hidden(ids[0], torch.tensor([0, ids.shape[1]], dtype=torch.int32), ids.shape[1],
+                                         causal=True)[0])
+        back = load_checkpoint(tmp_path / "saved")
+        cu = torch.tensor([0, ids.shape[1]], dtype=torch.int32)
+        pos = torch.arange(ids.shape[1])
+        reread = back.logits(back(ids[0], pos, cu, ids.shape[1], causal=True))
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reread, want, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert (tmp_path / "saved" / "tokenizer.json").is_file()
+
+
+def test_sample_data_is_valid():
+    emb, gen = T.load_embedding_data(EMB_FILE), T.load_generative_data(GEN_FILE)
+    assert len(emb) >= 24 and len(gen) >= 24
+    assert all(e.neg for e in emb)
+    assert sys.modules["grit_models.training"].SAMPLE_EMBEDDING.is_file()
