@@ -127,17 +127,32 @@ def _visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT: tl.constexpr, 
 
 
 @triton.jit
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    """A tile load that carries a mask only where one is needed (boundary blocks, D < BLOCK_D)."""
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, hi, offs_m, q_len, k_len,
                 left, right, qk_scale, D,
                 MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < k_len
-        kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
-                     other=0.0)
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    # Pointers advance by one block per step (interior blocks need no index arithmetic).
+    kT_ptrs = K_base + offs_n[None, :] * stride_ks + offs_d[:, None]
+    v_ptrs = V_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+    for _n0 in range(lo, hi, BLOCK_N):
+        if MASK:
+            n_ok = offs_n < k_len
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        else:  # interior: every key exists
+            kT = _load(kT_ptrs, d_ok[:, None], D != BLOCK_D)
         s = tl.dot(q, kT, input_precision=PREC) * qk_scale
         if MASK:
             s = tl.where(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s,
@@ -150,10 +165,15 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, hi, 
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        if MASK:
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            offs_n += BLOCK_N
+        else:
+            v = _load(v_ptrs, d_ok[None, :], D != BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
+        kT_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
 
 
@@ -267,23 +287,33 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qs,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    for m0 in range(lo, hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < q_len
-        mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=mask, other=0.0)
-        lse, delta = _load_row_stats(LSE_base, DELTA_base, offs_m, m_ok)
+    offs_m = lo + tl.arange(0, BLOCK_M)
+    q_ptrs = Q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
+    do_ptrs = DO_base + offs_m[:, None] * stride_dos + offs_d[None, :]
+    for _m0 in range(lo, hi, BLOCK_M):
+        if MASK:
+            m_ok = offs_m < q_len
+            mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptrs, mask=mask, other=0.0)
+            do = tl.load(do_ptrs, mask=mask, other=0.0)
+            lse, delta = _load_row_stats(LSE_base, DELTA_base, offs_m, m_ok)
+        else:  # interior: every query row exists
+            q = _load(q_ptrs, d_ok[None, :], D != BLOCK_D)
+            do = _load(do_ptrs, d_ok[None, :], D != BLOCK_D)
+            lse, delta = _load_row_stats(LSE_base, DELTA_base, offs_m, offs_m < q_len)
         # Transposed tiles (keys x queries): this program owns the keys.
         sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        if MASK:  # mask the scores, not P: exp2 of a hidden score above lse would overflow
+            sT = tl.where(tl.trans(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT)),
+                          sT, float("-inf"))
         pT = tl.math.exp2(sT - lse[None, :])
-        if MASK:
-            pT = tl.where(tl.trans(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT)),
-                          pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+        offs_m += BLOCK_M
+        q_ptrs += BLOCK_M * stride_qs
+        do_ptrs += BLOCK_M * stride_dos
     return dk, dv
 
 
@@ -354,18 +384,27 @@ def _dq_blocks(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, lo, 
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask = d_ok[:, None] & (offs_n < k_len)[None, :]
-        kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=mask, other=0.0)
-        vT = tl.load(V_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=mask, other=0.0)
-        s = tl.dot(q, kT, input_precision=PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    kT_ptrs = K_base + offs_n[None, :] * stride_ks + offs_d[:, None]
+    vT_ptrs = V_base + offs_n[None, :] * stride_vs + offs_d[:, None]
+    for _n0 in range(lo, hi, BLOCK_N):
         if MASK:
-            p = tl.where(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+            mask = d_ok[:, None] & (offs_n < k_len)[None, :]
+            kT = tl.load(kT_ptrs, mask=mask, other=0.0)
+            vT = tl.load(vT_ptrs, mask=mask, other=0.0)
+        else:
+            kT = _load(kT_ptrs, d_ok[:, None], D != BLOCK_D)
+            vT = _load(vT_ptrs, d_ok[:, None], D != BLOCK_D)
+        s = tl.dot(q, kT, input_precision=PREC) * qk_scale
+        if MASK:
+            s = tl.where(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            offs_n += BLOCK_N
+        p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+        kT_ptrs += BLOCK_N * stride_ks
+        vT_ptrs += BLOCK_N * stride_vs
     return dq
 
 
@@ -421,11 +460,12 @@ def _attn_bwd_dq_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------
 
-# Under the interpreter numpy runs every tile: small blocks keep the multi-block paths
-# exercised at test sizes; BLOCK_M != BLOCK_N catches block-size mix-ups.
-_INTERPRET_FWD = dict(BLOCK_M=32, BLOCK_N=16)
-_INTERPRET_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
-_INTERPRET_DQ = dict(BLOCK_M=32, BLOCK_N=16)
+# Under the interpreter numpy runs every tile and the cost is per tile, not per element:
+# blocks as large as the test sequences allow (S = 37..300 still spans several blocks, so the
+# boundary/interior split is exercised); BLOCK_M != BLOCK_N catches block-size mix-ups.
+_INTERPRET_FWD = dict(BLOCK_M=64, BLOCK_N=32)
+_INTERPRET_DKDV = dict(BLOCK_M=32, BLOCK_N=64)
+_INTERPRET_DQ = dict(BLOCK_M=64, BLOCK_N=32)
 _KEY = ["SEQ_KEY_Q", "SEQ_KEY_K", "BLOCK_D", "PACKED", "HAS_LEFT", "HAS_RIGHT", "PREC", "GROUP"]
 
 

@@ -1,0 +1,417 @@
+"""attention: kernels vs the reference with an explicit mask, forward and gradients of q, k, v.
+
+Oracles: grit_kernels.reference.attention.attention_ref differentiated by autograd, in fp64
+(high precision) and in the kernel's dtype (low precision); see helpers.assert_close_to_oracle.
+Every check also backpropagates a random gradient into lse, so its path is tested too.
+CPU runs use the Triton interpreter in fp32 (and a few fp16) with small shapes; bf16 and
+large shapes are in the tests marked gpu.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grit_kernels import attention
+from grit_kernels._backend import BackendUnavailableError
+from grit_kernels.reference.attention import attention_ref, visible_mask
+
+from helpers import assert_close_to_oracle, cu_seqlens_of
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _padded_inputs(B, Sq, Sk, Hq, Hkv, D, dtype=torch.float32, device="cpu", scale=1.0):
+    q = torch.randn(B, Sq, Hq, D, device=device) * scale
+    k = torch.randn(B, Sk, Hkv, D, device=device) * scale
+    v = torch.randn(B, Sk, Hkv, D, device=device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _packed_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32, device="cpu"):
+    cu_q, cu_k = cu_seqlens_of(lens_q, device), cu_seqlens_of(lens_k, device)
+    q = torch.randn(sum(lens_q), Hq, D, device=device).to(dtype)
+    k = torch.randn(sum(lens_k), Hkv, D, device=device).to(dtype)
+    v = torch.randn(sum(lens_k), Hkv, D, device=device).to(dtype)
+    return q, k, v, dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def _fwd_bwd(fn, q, k, v, dout, dlse, dtype=None):
+    """Run fn -> (out, lse) and backpropagate (dout, dlse); returns out, lse, dq, dk, dv."""
+    ins = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*ins)
+    # Rows with lse = -inf have no gradient to give; keep the product finite.
+    dl = torch.where(torch.isfinite(lse), dlse.to(lse.dtype), torch.zeros_like(lse))
+    torch.autograd.backward((out, lse), (dout.to(out.dtype), dl))
+    # No key at all (Sk = 0): autograd leaves k.grad unset where the kernel writes zeros.
+    return (out.detach(), lse.detach(), *(torch.zeros_like(t) if t.grad is None else t.grad for t in ins))
+
+
+def check_attention(q, k, v, *, atol=None, grads=True, **kw):
+    """Kernel (whatever backend is selected) vs the fp64 and low-precision oracles."""
+    dtype = q.dtype
+    atol = ATOL[dtype] if atol is None else atol
+    B_H_S = (q.shape[1], q.shape[0]) if "cu_seqlens_q" in kw else (q.shape[0], q.shape[2], q.shape[1])
+    dout = torch.randn(q.shape, device=q.device)
+    dlse = torch.randn(B_H_S, device=q.device)
+    ref_kw = {n: kw[n] for n in ("causal", "window", "softmax_scale", "cu_seqlens_q", "cu_seqlens_k") if n in kw}
+    if "cu_seqlens_q" in kw and "cu_seqlens_k" not in kw:
+        ref_kw["cu_seqlens_k"] = kw["cu_seqlens_q"]
+    kernel = lambda *t: attention(*t, return_lse=True, **kw)  # noqa: E731
+    got = _fwd_bwd(kernel, q, k, v, dout, dlse) if grads else attention(q, k, v, return_lse=True, **kw)
+    hp = _fwd_bwd(lambda *t: attention_ref(*t, dtype=torch.float64, **ref_kw), q, k, v, dout, dlse, torch.float64)
+    lp = _fwd_bwd(lambda *t: attention_ref(*t, dtype=dtype, **ref_kw), q, k, v, dout, dlse)
+    assert got[1].dtype == torch.float32 and got[0].dtype == dtype
+    empty = torch.isneginf(hp[1])
+    assert torch.equal(torch.isneginf(got[1]), empty), "lse: -inf (rows that see no key) in the wrong places"
+    fin = lambda t: torch.where(empty, torch.zeros_like(t), t)  # noqa: E731
+    assert_close_to_oracle(got[0], hp[0], lp[0], atol=atol, name="out")
+    assert_close_to_oracle(fin(got[1]), fin(hp[1]), fin(lp[1].float()), atol=atol, name="lse")
+    if grads:
+        for name, g, h, lo in zip(("dq", "dk", "dv"), got[2:], hp[2:], lp[2:]):
+            assert g.dtype == dtype and g.shape == h.shape
+            assert_close_to_oracle(g, h, lo, atol=atol, name=name)
+    return got
+
+
+# ---------------------------------------------------------------------------------------
+# the reference itself (independent of the kernels)
+# ---------------------------------------------------------------------------------------
+
+
+def test_reference_mask_matches_flash_attn_conventions():
+    # causal, Sq < Sk: bottom-right aligned.
+    assert visible_mask(2, 5, True, (-1, -1)).int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    # causal, Sq > Sk: the first rows see nothing.
+    assert visible_mask(4, 2, True, (-1, -1)).int().tolist() == [[0, 0], [0, 0], [1, 0], [1, 1]]
+    # window (1, 2), inclusive on both sides.
+    assert visible_mask(4, 4, False, (1, 2)).int().tolist() == [
+        [1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]]
+    # causal ignores the right side of the window.
+    assert torch.equal(visible_mask(6, 6, True, (2, 3)), visible_mask(6, 6, False, (2, 0)))
+
+
+def test_reference_matches_sdpa():
+    q, k, v = _padded_inputs(2, 9, 9, 4, 2, 16)
+    ke, ve = (t.repeat_interleave(2, dim=2).transpose(1, 2) for t in (k, v))
+    for causal in (False, True):
+        want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), ke, ve, is_causal=causal)
+        got, _ = attention_ref(q, k, v, causal=causal)
+        torch.testing.assert_close(got, want.transpose(1, 2))
+
+
+def test_check_detects_a_wrong_mask(monkeypatch):
+    """The comparison can fail: a causal result is not accepted as bidirectional."""
+    monkeypatch.setenv("GRIT_BACKEND", "torch")
+    q, k, v = _padded_inputs(1, 8, 8, 2, 2, 16)
+    out = attention(q, k, v, causal=True)
+    hp, _ = attention_ref(q, k, v, causal=False, dtype=torch.float64)
+    lp, _ = attention_ref(q, k, v, causal=False)
+    with pytest.raises(AssertionError):
+        assert_close_to_oracle(out, hp, lp, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# kernels vs the oracle (interpreter on CPU)
+# ---------------------------------------------------------------------------------------
+
+MODES = [
+    pytest.param(False, (-1, -1), id="bidirectional"),
+    pytest.param(True, (-1, -1), id="causal"),
+    pytest.param(True, (16, -1), id="causal-window16"),
+    pytest.param(False, (16, 0), id="window(w,0)"),
+    pytest.param(False, (8, 8), id="window(w,w)"),
+    pytest.param(False, (0, 0), id="window(0,0)"),
+    pytest.param(False, (5, 23), id="window(5,23)"),
+    pytest.param(False, (-1, 3), id="window(-1,3)"),
+    pytest.param(False, (40, -1), id="window(40,-1)"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+@pytest.mark.parametrize("causal, window", MODES)
+@pytest.mark.parametrize("Sq, Sk", [(97, 97), (37, 70), (70, 37)], ids=["Sq=Sk", "Sq<Sk", "Sq>Sk"])
+def test_modes_and_lengths(backend, causal, window, Sq, Sk):
+    q, k, v = _padded_inputs(1, Sq, Sk, 2, 1, 64)
+    check_attention(q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("Hkv", [8, 2, 1], ids=["gqa1", "gqa4", "gqa8"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gqa(backend, Hkv, causal):
+    q, k, v = _padded_inputs(1, 41, 41, 8, Hkv, 32)
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("D", [16, 40, 64, 96, 128])
+def test_head_dims(backend, D):
+    q, k, v = _padded_inputs(1, 33, 33, 2, 1, D)
+    check_attention(q, k, v, causal=True, window=(20, 0))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (31, 0))],
+                         ids=["bidir", "causal", "window(31,0)"])
+def test_packed_mixed_lengths(backend, causal, window):
+    lens = [1, 300, 7, 1, 97, 33, 2]
+    q, k, v, cu = _packed_inputs(lens, lens, 2, 1, 64)
+    check_attention(q, k, v, causal=causal, window=window, **cu)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (4, 9))],
+                         ids=["bidir", "causal", "window(4,9)"])
+def test_packed_different_q_and_k_lengths(backend, causal, window):
+    """Per sequence Sq != Sk, including empty sequences on either side."""
+    lens_q = [1, 30, 0, 17, 5, 64]
+    lens_k = [1, 50, 3, 1, 0, 40]
+    q, k, v, cu = _packed_inputs(lens_q, lens_k, 4, 2, 32)
+    check_attention(q, k, v, causal=causal, window=window, max_seqlen_q=64, max_seqlen_k=50, **cu)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+@pytest.mark.parametrize("Sq, Sk, causal", [(1, 1, False), (1, 1, True), (1, 50, True), (50, 1, True),
+                                            (1, 50, False), (7, 7, True)])
+def test_one_token_and_tiny(backend, Sq, Sk, causal):
+    q, k, v = _padded_inputs(3, Sq, Sk, 4, 2, 64)
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_no_keys_gives_zeros(backend):
+    """Rows that see nothing: zero output, lse -inf, zero gradients, no NaN."""
+    q, k, v = _padded_inputs(1, 9, 0, 2, 2, 16)
+    out, lse, dq, dk, dv = check_attention(q, k, v)
+    assert not out.any() and torch.isneginf(lse).all() and not dq.any()
+    q, k, v = _padded_inputs(1, 6, 3, 2, 2, 16)
+    out, lse, *_ = check_attention(q, k, v, causal=True)
+    assert not out[:, :3].any() and torch.isneginf(lse[..., :3]).all()
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_softmax_scale_and_large_scores(backend):
+    """Scores near 1e3 saturate the softmax: no overflow, no NaN."""
+    q, k, v = _padded_inputs(1, 45, 45, 2, 2, 32, scale=6.0)
+    check_attention(q, k, v, causal=True, softmax_scale=1.0)
+    q, k, v = _padded_inputs(1, 20, 20, 2, 2, 32)
+    check_attention(q, k, v, softmax_scale=0.05, window=(3, 3))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_strided_inputs_from_a_fused_qkv(backend):
+    """q, k, v sliced out of one (B, S, 3, H, D) projection (no copy needed) and packed views."""
+    qkv = torch.randn(2, 29, 3, 4, 32)
+    q, k, v = qkv.unbind(dim=2)
+    assert not q.is_contiguous()
+    check_attention(q, k, v, causal=True)
+    qkv = torch.randn(40, 3, 2, 32)
+    q, k, v = qkv.unbind(dim=1)
+    check_attention(q, k, v, cu_seqlens_q=cu_seqlens_of([13, 27]), window=(6, 2))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_fp16_interpreter(backend, causal):
+    q, k, v = _padded_inputs(1, 50, 50, 4, 1, 64, dtype=torch.float16)
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_backward_is_deterministic(backend):
+    """dK/dV of a KV head are summed over its query group in a fixed order (no atomics)."""
+    q, k, v = _padded_inputs(1, 40, 40, 8, 2, 32)
+    runs = []
+    for _ in range(2):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*ins, causal=True).square().sum().backward()
+        runs.append([t.grad for t in ins])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_long_sequence(backend):
+    q, k, v = _padded_inputs(1, 1025, 1025, 2, 1, 64)
+    check_attention(q, k, v, causal=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_long_sequence_window_head_dim_128(backend):
+    q, k, v = _padded_inputs(1, 600, 600, 2, 1, 128)
+    check_attention(q, k, v, window=(128, 0))
+
+
+# ---------------------------------------------------------------------------------------
+# dispatch, registration, compile
+# ---------------------------------------------------------------------------------------
+
+
+def test_default_backend_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("GRIT_BACKEND", raising=False)
+    q, k, v = _padded_inputs(1, 5, 5, 2, 2, 16)
+    want, _ = attention_ref(q, k, v, causal=True)
+    torch.testing.assert_close(attention(q, k, v, causal=True), want)
+    monkeypatch.setenv("GRIT_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="attention"):
+        attention(q, k, v)
+
+
+def test_return_lse_false_returns_out_only(monkeypatch):
+    monkeypatch.setenv("GRIT_BACKEND", "torch")
+    q, k, v = _padded_inputs(1, 5, 5, 2, 2, 16)
+    out = attention(q, k, v)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+
+
+def _opcheck_args(packed):
+    if packed:
+        q, k, v, cu = _packed_inputs([3, 1, 6], [5, 2, 6], 4, 2, 16)
+        args = (q, k, v, cu["cu_seqlens_q"], cu["cu_seqlens_k"], 6, 6, True, 2, -1, 0.3)
+    else:
+        q, k, v = _padded_inputs(2, 7, 9, 4, 2, 16)
+        args = (q, k, v, None, None, -1, -1, False, 3, 1, 0.25)
+    return tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_opcheck(backend, packed):
+    torch.library.opcheck(torch.ops.grit.attention.default, _opcheck_args(packed))
+
+
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)
+def test_opcheck_backward_op(backend):
+    q, k, v = _padded_inputs(1, 6, 6, 2, 1, 16)
+    out, lse = attention(q, k, v, return_lse=True, causal=True)
+    args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, None, None, -1, -1, True, -1, -1, 0.25)
+    torch.library.opcheck(torch.ops.grit.attention_backward.default, args)
+
+
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)
+def test_torch_compile_fullgraph(backend):
+    lens = [3, 9]
+    q, k, v, cu = _packed_inputs(lens, lens, 4, 2, 16)
+
+    def f(q, k, v):
+        a = attention(q, k, v, causal=True, **cu, max_seqlen_q=9, max_seqlen_k=9)
+        b = attention(q, k, v, window=(2, 2), **cu, max_seqlen_q=9, max_seqlen_k=9)
+        return (a * b).sum()
+
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    # aot_eager traces the op (fake kernels, autograd, functionalisation) like inductor does,
+    # without a minute of C++ code generation on a CPU runner.
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled(*ins).backward()
+    eager = [t.clone().requires_grad_() for t in (q, k, v)]
+    f(*eager).backward()
+    for a, b in zip(ins, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: clear errors naming the argument, raised before anything runs
+# ---------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    q, k, v = _padded_inputs(1, 4, 4, 4, 2, 16)
+    lens = [2, 3]
+    pq, pk, pv, cu = _packed_inputs(lens, lens, 4, 2, 16)
+    cu_q = cu["cu_seqlens_q"]
+    return [
+        ("Hq % Hkv", ValueError, "^k:", (q, torch.randn(1, 4, 3, 16), torch.randn(1, 4, 3, 16)), {}),
+        ("D mismatch", ValueError, "^k:", (q, k[..., :8].contiguous(), v[..., :8].contiguous()), {}),
+        ("v shape", ValueError, "^v:", (q, k, v[:, :3]), {}),
+        ("window < -1", ValueError, "window", (q, k, v), dict(window=(-2, 0))),
+        ("window not a pair", TypeError, "window", (q, k, v), dict(window=4)),
+        ("window float", TypeError, "window", (q, k, v), dict(window=(1.5, 0))),
+        ("causal not bool", TypeError, "causal", (q, k, v), dict(causal="yes")),
+        ("non-contiguous last dim", ValueError, "^q:", (torch.randn(1, 4, 4, 32)[..., ::2], k, v), {}),
+        ("non-contiguous last dim k", ValueError, "^k:", (q, torch.randn(1, 4, 2, 32)[..., ::2], v), {}),
+        ("dtype mismatch", TypeError, "^k:", (q, k.half(), v), {}),
+        ("integer q", TypeError, "^q:", (q.long(), k, v), {}),
+        ("padded needs 4-D", ValueError, "^q:", (pq, pk, pv), {}),
+        ("batch mismatch", ValueError, "^k:", (q, torch.cat([k, k]), torch.cat([v, v])), {}),
+        ("head dim too big", ValueError, "^q:", (torch.randn(1, 2, 2, 300),) * 3, {}),
+        ("softmax_scale nan", ValueError, "softmax_scale", (q, k, v), dict(softmax_scale=float("nan"))),
+        ("max_seqlen padded", ValueError, "max_seqlen_q", (q, k, v), dict(max_seqlen_q=4)),
+        ("cu_seqlens_k alone", ValueError, "cu_seqlens_k", (q, k, v), dict(cu_seqlens_k=cu_q)),
+        ("cu_seqlens dtype", TypeError, "cu_seqlens_q", (pq, pk, pv), dict(cu_seqlens_q=cu_q.long())),
+        ("cu_seqlens 2-D", ValueError, "cu_seqlens_q", (pq, pk, pv), dict(cu_seqlens_q=cu_q[None])),
+        ("cu_seqlens length", ValueError, "cu_seqlens_k", (pq, pk, pv),
+         dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_q[:2].contiguous())),
+        ("cu_seqlens last != T", ValueError, "cu_seqlens_q", (pq, pk, pv),
+         dict(cu_seqlens_q=cu_seqlens_of([2, 2]), cu_seqlens_k=cu_q)),
+        ("cu_seqlens decreasing", ValueError, "cu_seqlens_q", (pq, pk, pv),
+         dict(cu_seqlens_q=torch.tensor([0, 4, 3, 5], dtype=torch.int32))),
+        ("cu_seqlens start", ValueError, "cu_seqlens_q", (pq, pk, pv),
+         dict(cu_seqlens_q=torch.tensor([1, 2, 5], dtype=torch.int32))),
+        ("max_seqlen too small", ValueError, "max_seqlen_q", (pq, pk, pv), dict(cu_seqlens_q=cu_q, max_seqlen_q=2)),
+        ("max_seqlen negative", ValueError, "max_seqlen_k", (pq, pk, pv), dict(cu_seqlens_q=cu_q, max_seqlen_k=-3)),
+        ("device mix", ValueError, "^k:", (q, k.to("meta"), v), {}),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input(backend, case):
+    _name, exc, match, args, kwargs = case
+    with pytest.raises(exc, match=match):
+        attention(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU (bf16/fp16, large shapes; run by bench/gpu_check.sh with GRIT_GPU_TESTS=1)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (256, 0)),
+                                            (False, (100, 37))], ids=["bidir", "causal", "window(w,0)", "asym"])
+@pytest.mark.parametrize("S, Hq, Hkv, D", [(1025, 8, 2, 128), (4097, 4, 4, 64), (97, 16, 2, 96)])
+def test_gpu_padded(dtype, causal, window, S, Hq, Hkv, D):
+    q, k, v = _padded_inputs(2, S, S, Hq, Hkv, D, dtype=dtype, device="cuda")
+    check_attention(q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gpu_packed_and_uneven(dtype, causal):
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(1, 2000, (12,), generator=g).tolist() + [1, 4097]
+    q, k, v, cu = _packed_inputs(lens, lens, 32, 8, 128, dtype=dtype, device="cuda")
+    check_attention(q, k, v, causal=causal, **cu)
+    q, k, v = _padded_inputs(3, 300, 1000, 8, 1, 128, dtype=dtype, device="cuda")
+    check_attention(q, k, v, causal=causal)
+    q, k, v = _padded_inputs(3, 1000, 300, 8, 1, 128, dtype=dtype, device="cuda")
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile():
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_args(True))
+    args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    torch.library.opcheck(torch.ops.grit.attention.default, args)
+    q, k, v = _padded_inputs(2, 300, 300, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
+    f = torch.compile(lambda q, k, v: attention(q, k, v, causal=True), fullgraph=True)
+    torch.testing.assert_close(f(q, k, v), attention(q, k, v, causal=True))
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_backward():
+    q, k, v = _padded_inputs(2, 2048, 2048, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    runs = []
+    for _ in range(2):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*ins, causal=True).float().square().sum().backward()
+        runs.append([t.grad for t in ins])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
