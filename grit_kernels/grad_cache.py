@@ -59,7 +59,9 @@ class GradCache:
             (B_k, ...) tensor per input in the order of ``step``'s arguments. Its own
             parameters, if any, get their gradients too.
         no_sync_modules: modules whose gradient sync to hold back on all chunks but the last
-            that uses them; default: every encoder that has a ``no_sync`` method.
+            that uses them (DDP and FSDP1 ``no_sync``, FSDP2 ``set_requires_gradient_sync``);
+            default: every encoder that is such a module. Pass the wrapped model here when
+            the encoder is a function or a bound method of it.
         scaler: an optional ``torch.amp.GradScaler``; the loss is scaled before the backward.
 
     Example (GritLM's embedding step, documents in [pos, neg] groups)::

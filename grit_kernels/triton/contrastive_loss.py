@@ -12,7 +12,7 @@ fp32 accumulator is scaled by a_i * b_j, so no normalised copy is made in the fo
 cannot overflow either: tl.dot multiplies exactly and accumulates in fp32.
 
 Forward: program (row block, column split) streams BLOCK_N tiles of d past a BLOCK_M block
-of q (each tile a K-loop over D), keeps an online logsumexp (m, l) per row and picks out the
+of q (each tile a K-loop over D), keeps an online logsumexp (max m, sum z) per row and picks out the
 target logit; splits of the N axis give the GPU enough programs when B is small (B = 2048,
 BLOCK_M = 128: 16 row blocks for 132 SMs). The (splits, B) partials are merged in a fixed
 order, so the result is deterministic. Extra memory: 3 * splits * B floats.
@@ -87,7 +87,7 @@ def _logit_tile(q_ptr, d_ptr, rows, cols, row_ok, col_ok, D,
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, d_ptr, a_ptr, b_ptr, tgt_ptr, m_ptr, l_ptr, t_ptr,
+    q_ptr, d_ptr, a_ptr, b_ptr, tgt_ptr, m_ptr, z_ptr, t_ptr,
     B, N, D, cols_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -101,10 +101,10 @@ def _fwd_kernel(
     n_end = tl.minimum(n_start + cols_per_split, N)
 
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    z = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j exp(s_ij - m_i)
     t = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # Every split holds at least one column (the launcher sizes them), so m is finite after
-    # the first tile and exp(m - m_new) never sees -inf - -inf.
+    # the first tile and exp(m - m_new) never sees -inf - -inf. Rows past B have a = 0: s = 0.
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_end
@@ -113,12 +113,12 @@ def _fwd_kernel(
         s = acc * a[:, None] * b[None, :]
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
         t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), axis=1)
     out = split.to(tl.int64) * B + rows
     tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(l_ptr + out, l, mask=row_ok)
+    tl.store(z_ptr + out, z, mask=row_ok)
     tl.store(t_ptr + out, t, mask=row_ok)
 
 
@@ -240,13 +240,13 @@ def forward(q, d, targets, temperature: float, normalize: bool):
     cfg = _config(q)
     n_splits, cols_per_split = _splits(B, N, cfg, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
-    m, l, t = (torch.empty((n_splits, B), **f32) for _ in range(3))
+    m, z, t = (torch.empty((n_splits, B), **f32) for _ in range(3))
     grid = (triton.cdiv(B, cfg["BLOCK_M"]), n_splits)
-    _fwd_kernel[grid](q, d, a, b, targets, m, l, t, B, N, D, cols_per_split,
+    _fwd_kernel[grid](q, d, a, b, targets, m, z, t, B, N, D, cols_per_split,
                       INPUT_PRECISION=_input_precision(q), **cfg)
     # Merge the splits' online-softmax states: O(splits * B), in a fixed order.
     m_max = m.max(dim=0).values
-    lse = m_max + torch.log((l * torch.exp(m - m_max)).sum(dim=0))
+    lse = m_max + torch.log((z * torch.exp(m - m_max)).sum(dim=0))
     target_logit = t.sum(dim=0)  # one split holds the target, the others add exact zeros
     return lse - target_logit, lse, a, b
 
