@@ -21,7 +21,7 @@ from helpers import assert_close_to_oracle
 def oracle(q, d, targets=None, *, temperature=0.02, normalize=True, reduction="mean", dtype=torch.float64):
     B, N = q.shape[0], d.shape[0]
     if targets is None:
-        targets = torch.arange(B) * (N // B)
+        targets = torch.arange(B, device=q.device) * (N // B)
     qq, dd = q.to(dtype), d.to(dtype)
     if normalize:
         qq, dd = F.normalize(qq, dim=-1), F.normalize(dd, dim=-1)
@@ -39,7 +39,7 @@ def loss_and_grads(fn, q, d, reduction, weights):
 
 def check_against_oracle(q, d, targets, *, temperature, normalize, reduction, atol):
     """Loss, dq and dd of the op vs the fp64 oracle, bounded by the input-dtype oracle's error."""
-    w = torch.rand(q.shape[0], dtype=torch.float64) + 0.5  # upstream grads of a "none" loss
+    w = torch.rand(q.shape[0], dtype=torch.float64, device=q.device) + 0.5  # upstream grads of a "none" loss
     kw = dict(temperature=temperature, normalize=normalize, reduction=reduction)
     out = loss_and_grads(lambda a, b: contrastive_loss(a, b, targets=targets, **kw), q, d, reduction, w)
     hp = loss_and_grads(lambda a, b: oracle(a, b, targets, **kw), q, d, reduction, w)
