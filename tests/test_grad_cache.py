@@ -174,3 +174,47 @@ def test_bad_step_inputs():
         GradCache(enc, 2, functools.partial(LOSS, reduction="none")).step(queries, docs)
     with pytest.raises(ValueError, match=r"^inputs: "):
         GradCache(enc, 2, LOSS).step()
+
+
+class _LiveActivations:
+    """Elements of the encoder's saved activations alive at once (autograd saved-tensor hooks)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def encoder(self, module):
+        def encode(x):
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor):
+                return module(x)
+        return encode
+
+    def _pack(self, t):
+        return _Held(t, self)
+
+
+class _Held:
+    def __init__(self, tensor, meter):
+        self.tensor, self.meter, self.numel = tensor, meter, tensor.numel()
+        meter.live += self.numel
+        meter.peak = max(meter.peak, meter.live)
+
+    def __del__(self):
+        self.meter.live -= self.numel
+
+
+def test_activation_memory_is_one_chunk():
+    """With chunks of 4, the activations alive at once do not grow with the batch; without
+    GradCache they grow with it (so the meter does see them)."""
+    enc = torch.nn.Sequential(torch.nn.Linear(D_IN, 256), torch.nn.GELU(), torch.nn.Linear(256, D_OUT))
+    peaks, plain = [], []
+    for B in (8, 32):
+        queries, docs = batch(B=B)
+        meter = _LiveActivations()
+        GradCache(meter.encoder(enc), 4, LOSS).step(queries, docs)
+        peaks.append(meter.peak)
+        assert meter.live == 0  # every chunk's graph was freed
+        meter = _LiveActivations()
+        LOSS(meter.encoder(enc)(queries), meter.encoder(enc)(docs)).backward()
+        plain.append(meter.peak)
+    assert peaks[0] == peaks[1] > 0, peaks
+    assert plain[1] >= 3 * plain[0] and plain[0] > peaks[0], plain
