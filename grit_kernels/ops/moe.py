@@ -142,7 +142,8 @@ def _validate_experts(x, w1, w2, w3, weights, experts) -> None:
     _checks.check_tensor("weights", weights, dtypes=_checks.FLOAT_DTYPES, shape=(T, K), device=dev)
     # Reading the ids needs their values: free on the CPU; on the GPU it would be a host sync,
     # which the contract forbids (the kernels drop out-of-range ids instead).
-    if dev.type == "cpu" and experts.numel() and not _checks._is_fake(experts):
+    # (Also skipped while torch.compile traces: the values are not known then.)
+    if dev.type == "cpu" and experts.numel() and not torch.compiler.is_compiling() and not _checks._is_fake(experts):
         lo, hi = int(experts.min()), int(experts.max())
         if lo < 0 or hi >= E:
             raise ValueError(f"experts: ids must be in [0, E) = [0, {E}), got values in [{lo}, {hi}]")
@@ -266,8 +267,8 @@ def _moe_experts_op(
     gu, h = tri.gate_up(x, w1, w3, sorted_ids, tile_expert, K, cfg, save)
     y_SD = tri.down(h, w2, weights.contiguous().reshape(-1), sorted_ids, tile_expert, T * K, cfg)
     out = _combine(y_SD, experts, E, K, x.dtype, backend)
-    if not save:
-        gu = h = x.new_empty((0,))
+    if not save:  # two distinct empties: custom_op outputs may not alias each other
+        gu, h = x.new_empty((0,)), x.new_empty((0,))
     return out, sorted_ids, tile_expert, offsets, gu, h
 
 

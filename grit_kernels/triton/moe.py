@@ -109,14 +109,23 @@ def _gate_up_kernel(
 ):
     pid_m, pid_n = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(F, BN), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
-    if e < 0:  # past the last expert's tiles (the grid covers the worst case)
-        return
     rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < F
+    out_rows = rows.to(tl.int64)[:, None]
+    mask = col_ok[None, :] & (rows[:, None] >= 0)
+    if e < 0:
+        # Past the last expert's tiles (the grid covers the worst case): write zeros, so that
+        # the saved activations hold no uninitialised rows, and stop.
+        zero = tl.zeros((BM, BN), dtype=h_ptr.dtype.element_ty)
+        tl.store(h_ptr + out_rows * F + cols[None, :], zero, mask=mask)
+        if SAVE:
+            tl.store(gu_ptr + out_rows * (2 * F) + cols[None, :], zero, mask=mask)
+            tl.store(gu_ptr + out_rows * (2 * F) + F + cols[None, :], zero, mask=mask)
+        return
     slot = tl.load(sorted_ptr + rows)
     valid = slot < TK
     tok = (slot // K_TOP).to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_ok = cols < F
     ks = tl.arange(0, BK)
     w_base = e.to(tl.int64) * F * D
     x_ptrs = x_ptr + tok[:, None] * D + ks[None, :]               # gather: token rows in the load
@@ -135,8 +144,6 @@ def _gate_up_kernel(
         w1_ptrs += BK
         w3_ptrs += BK
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    out_rows = rows.to(tl.int64)[:, None]
-    mask = col_ok[None, :] & (rows[:, None] >= 0)
     tl.store(h_ptr + out_rows * F + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
     if SAVE:
         tl.store(gu_ptr + out_rows * (2 * F) + cols[None, :], acc_g.to(gu_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,437 @@
+"""Mixtral MoE (moe_route, moe_experts, moe_aux_loss) vs transformers and the reference.
+
+CPU: torch (reference), cuda (csrc's host build of routing / sort / combine, with the Triton
+GEMMs under the interpreter) and triton (interpreter). The expert outputs are checked against
+transformers' MixtralSparseMoeBlock loaded with the same weights; gradients of every input
+against autograd through the plain-PyTorch loop in fp64. GPU-marked: the CUDA kernels and the
+Triton kernels compiled for the device, bf16 included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_to_oracle
+
+import grit_kernels
+from grit_kernels import moe_aux_loss, moe_experts, moe_route
+from grit_kernels import _backend
+from grit_kernels.ops import moe as ops
+from grit_kernels.reference import moe as ref
+
+transformers = pytest.importorskip("transformers")
+from transformers import MixtralConfig  # noqa: E402
+from transformers.models.mixtral import modeling_mixtral as hf  # noqa: E402
+
+needs_C = pytest.mark.skipif(not _backend.has_C(), reason="grit_kernels._C not built")
+KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=needs_C)]
+ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
+
+
+def hf_block(D, F, E, K, dtype=torch.float32, seed=0):
+    cfg = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K,
+                        router_jitter_noise=0.0)
+    cfg._experts_implementation = "eager"  # the per-expert Python loop
+    torch.manual_seed(seed)
+    block = hf.MixtralSparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.3)
+    return block.to(dtype)
+
+
+def block_weights(block, F):
+    """(router weight (E, D), w1, w2, w3) from HF's fused layout."""
+    gate_up = block.experts.gate_up_proj.detach()
+    return (block.gate.weight.detach(), gate_up[:, :F].contiguous(), block.experts.down_proj.detach().contiguous(),
+            gate_up[:, F:].contiguous())
+
+
+def hf_route(logits, K):
+    """MixtralTopKRouter's arithmetic, cast back like the contract."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, idx = torch.topk(probs, K, dim=-1)
+    return (top / top.sum(dim=-1, keepdim=True)).to(logits.dtype), idx
+
+
+def random_experts(T, D, F, E, dtype=torch.float32, scale=0.3):
+    x = torch.randn(T, D).to(dtype)
+    w1, w3 = (torch.randn(E, F, D) * scale).to(dtype), (torch.randn(E, F, D) * scale).to(dtype)
+    w2 = (torch.randn(E, D, F) * scale).to(dtype)
+    return x, w1, w2, w3
+
+
+# ---------------------------------------------------------------------------------------
+# routing
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=needs_C)], indirect=True)
+@pytest.mark.parametrize("E,K", [(8, 2), (4, 1), (16, 4), (64, 8)])
+@pytest.mark.parametrize("T", [1, 3, 257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_route_matches_transformers(backend, E, K, T, dtype):
+    logits = torch.randn(T, E).to(dtype)
+    weights, experts = moe_route(logits, top_k=K)
+    want_w, want_e = hf_route(logits, K)
+    assert weights.dtype == dtype and experts.dtype == torch.int32 and weights.shape == (T, K)
+    # Low-precision logits tie often (torch.topk's order among ties is its own): compare the
+    # chosen probabilities everywhere and the ids on rows without duplicate values.
+    probs = torch.softmax(logits.float(), dim=-1)
+    torch.testing.assert_close(probs.gather(1, experts.long()), probs.gather(1, want_e), rtol=0, atol=0)
+    top = torch.sort(probs, dim=-1, descending=True).values[:, : K + 1]
+    distinct = torch.tensor([row.unique().numel() == row.numel() for row in top])  # no tie in the top K + 1
+    assert distinct.any()
+    assert torch.equal(experts.long()[distinct], want_e[distinct])
+    # fp32 ulps in exp may flip a rounding to the low dtype: one ulp of it is allowed.
+    rtol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(weights.float(), want_w.float(), rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=needs_C)], indirect=True)
+def test_route_ties_lowest_index_first(backend):
+    logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, -1.0, 1.0, 0.0, 0.0],
+                           [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+                           [0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    weights, experts = moe_route(logits, top_k=3)
+    assert experts.tolist() == [[1, 2, 3], [0, 1, 2], [3, 0, 1]]
+    # Whatever order torch.topk picks among ties, the chosen probabilities are the same.
+    want_w, _ = hf_route(logits, 3)
+    torch.testing.assert_close(weights, want_w)
+
+
+@needs_C
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_route_host_build_vs_reference(dtype, monkeypatch):
+    monkeypatch.setenv("GRIT_BACKEND", "cuda")
+    # Integer-valued logits: many exact ties, across the whole E = 64, K = 8 range.
+    logits = torch.randint(-3, 3, (97, 64)).to(dtype)
+    weights, experts = moe_route(logits, top_k=8)
+    want_w, want_e = ref.route(logits, 8)
+    assert torch.equal(experts, want_e)
+    rtol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(weights.float(), want_w.float(), rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=needs_C)], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_route_backward(backend, dtype):
+    logits = torch.randn(9, 8).to(dtype).requires_grad_()
+    weights, experts = moe_route(logits, top_k=2)
+    g = torch.randn(9, 2)
+    (weights.float() * g).sum().backward()
+    # transformers' arithmetic in fp64 on the same choice of experts
+    l64 = logits.detach().double().requires_grad_()
+    p = torch.softmax(l64, dim=-1).gather(1, experts.long())
+    ((p / p.sum(dim=-1, keepdim=True)) * g.double()).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(logits.grad.double(), l64.grad, **tol)
+
+
+# ---------------------------------------------------------------------------------------
+# csrc sort / combine (host build) vs the reference
+# ---------------------------------------------------------------------------------------
+
+
+def _routings(T, K, E):
+    gen = torch.Generator().manual_seed(1)
+    yield "random", torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(torch.int32)
+    same = torch.arange(K, dtype=torch.int32).repeat(T, 1)  # every token picks experts 0..K-1
+    yield "same", same
+    yield "few_experts", torch.randint(0, max(K, 2), (T, K), generator=gen, dtype=torch.int32) % E
+    bad = torch.randint(0, E, (T, K), generator=gen, dtype=torch.int32)
+    bad[0, 0], bad[-1, -1] = -1, E  # out of range: left out
+    yield "out_of_range", bad
+
+
+@needs_C
+@pytest.mark.parametrize("T,K,E", [(1, 2, 8), (3, 1, 4), (257, 4, 16), (1000, 2, 256)])
+@pytest.mark.parametrize("block_m", [1, 16, 64])
+def test_sort_host_build_vs_reference(T, K, E, block_m):
+    for name, experts in _routings(T, K, E):
+        got = ops._cuda_sort(experts.reshape(-1).contiguous(), E, block_m)
+        want = ref.sort_align(experts, E, block_m)
+        for what, a, b in zip(("sorted_ids", "tile_expert", "offsets"), got, want):
+            assert torch.equal(a, b), f"{name}: {what} differs"
+        # The layout itself: every valid slot once, in its expert's tiles.
+        sorted_ids, tile_expert, offsets = want
+        valid = (experts >= 0) & (experts < E)
+        placed = sorted_ids[sorted_ids < T * K]
+        assert sorted(placed.tolist()) == valid.reshape(-1).nonzero().flatten().tolist()
+        rows = (sorted_ids < T * K).nonzero().flatten()
+        assert torch.equal(tile_expert[rows // block_m].long(), experts.reshape(-1)[sorted_ids[rows].long()].long())
+        assert int(offsets[-1]) % block_m == 0
+
+
+@needs_C
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_combine_host_build_vs_reference(dtype):
+    T, K, D, E = 37, 3, 45, 4
+    y = torch.randn(T * K, D)
+    experts = torch.randint(-1, E + 1, (T, K), dtype=torch.int32)
+    w = torch.rand(T * K)
+    for weights in (w, None):
+        got = ops._cuda_combine(y, weights, experts, E, K, dtype)
+        want = ref.combine(y, K, weights, experts, E, dtype)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=1e-6)
+    # Same fixed order of the K adds: bitwise equal in fp32.
+    assert torch.equal(ops._cuda_combine(y, None, None, E, K, torch.float32), ref.combine(y, K))
+
+
+# ---------------------------------------------------------------------------------------
+# experts: forward vs transformers, gradients vs the reference
+# ---------------------------------------------------------------------------------------
+
+FWD_SHAPES = [  # (T, D, F, E, K): T = 1, 3, 257 for each (E, K) of Mixtral-like routings
+    (1, 32, 64, 8, 2),
+    (3, 32, 64, 8, 2),
+    (257, 32, 64, 8, 2),
+    (1, 48, 96, 4, 1),
+    (3, 48, 96, 4, 1),
+    (257, 64, 64, 4, 1),
+    (1, 32, 64, 16, 4),
+    (3, 32, 64, 16, 4),
+    (257, 32, 96, 16, 4),
+]
+# The interpreter runs the five backward GEMMs slowly: a subset, odd sizes kept.
+GRAD_SHAPES = [(1, 32, 64, 8, 2), (257, 32, 64, 8, 2), (3, 48, 96, 4, 1), (3, 32, 64, 16, 4)]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
+@pytest.mark.parametrize("T,D,F,E,K", FWD_SHAPES)
+def test_forward_matches_transformers_block(backend, T, D, F, E, K):
+    block = hf_block(D, F, E, K)
+    x = torch.randn(1, T, D)
+    with torch.no_grad():
+        want = block(x).reshape(T, D)
+    gate, w1, w2, w3 = block_weights(block, F)
+    x_TD = x.reshape(T, D)
+    weights, experts = moe_route(x_TD @ gate.t(), top_k=K)
+    out = moe_experts(x_TD, w1, w2, w3, weights, experts)
+    assert out.shape == (T, D) and out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def _check_grads(x, w1, w2, w3, weights, experts, *, factor=2.0):
+    """Kernel gradients vs fp64 autograd through the reference loop, flash-attn's rule."""
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, w3, weights)]
+    out = moe_experts(*leaves, experts)
+    g = torch.randn(out.shape).to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, g)
+
+    def oracle(dtype):
+        ls = [t.detach().to(dtype).requires_grad_() for t in (x, w1, w2, w3, weights)]
+        o = ref.experts_forward(*ls, experts)
+        return o, torch.autograd.grad(o, ls, g.to(dtype))
+
+    hp_out, hp = oracle(torch.float64)
+    lp_out, lp = oracle(x.dtype)
+    scale = hp_out.abs().max().item() + 1e-30
+    assert_close_to_oracle(out, hp_out, lp_out, atol=1e-6 * scale, factor=factor, name="out")
+    for name, got, h, l in zip(("dx", "dw1", "dw2", "dw3", "dweights"), grads, hp, lp):
+        assert got.dtype == l.dtype and got.shape == l.shape, name
+        assert_close_to_oracle(got, h, l, atol=1e-6 * (h.abs().max().item() + 1e-30), factor=factor, name=name)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
+@pytest.mark.parametrize("T,D,F,E,K", GRAD_SHAPES)
+def test_gradients_vs_reference(backend, T, D, F, E, K):
+    x, w1, w2, w3 = random_experts(T, D, F, E)
+    weights, experts = ref.route(torch.randn(T, E), K)
+    _check_grads(x, w1, w2, w3, weights, experts)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
+def test_gradients_fp16(backend):
+    T, D, F, E, K = 37, 32, 64, 8, 2
+    x, w1, w2, w3 = random_experts(T, D, F, E, torch.float16)
+    weights, experts = ref.route(torch.randn(T, E).half(), K)
+    _check_grads(x, w1, w2, w3, weights, experts, factor=3.0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
+@pytest.mark.parametrize("routing", ["all_same_expert", "empty_experts"])
+def test_degenerate_routing(backend, routing):
+    T, D, F, E, K = 40, 32, 64, 8, 2
+    x, w1, w2, w3 = random_experts(T, D, F, E)
+    if routing == "all_same_expert":  # one expert's block spans several tiles; the others are empty
+        experts = torch.tensor([[5, 2]], dtype=torch.int32).repeat(T, 1)
+    else:  # experts 0, 3, 4, 6, 7 get no token
+        experts = torch.tensor([[1, 2], [2, 5], [5, 1]], dtype=torch.int32).repeat(T // 3 + 1, 1)[:T]
+    weights = torch.softmax(torch.randn(T, K), dim=-1)
+    _check_grads(x, w1, w2, w3, weights, experts)
+    leaves = [w.clone().requires_grad_() for w in (w1, w2, w3)]
+    moe_experts(x, *leaves[:1], leaves[1], leaves[2], weights, experts).sum().backward()
+    unused = sorted(set(range(E)) - set(experts.flatten().tolist()))
+    for leaf in leaves:  # experts without tokens get exact zeros, never garbage
+        assert torch.equal(leaf.grad[unused], torch.zeros_like(leaf.grad[unused]))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
+def test_router_trains_end_to_end(backend):
+    """Gradient reaches the router logits through moe_route's weights, as in transformers."""
+    T, D, F, E, K = 5, 32, 64, 8, 2
+    block = hf_block(D, F, E, K)
+    gate, w1, w2, w3 = block_weights(block, F)
+    x = torch.randn(T, D)
+    g_param = gate.clone().requires_grad_()
+    weights, experts = moe_route(x @ g_param.t(), top_k=K)
+    (moe_experts(x, w1, w2, w3, weights, experts) ** 2).sum().backward()
+    block.zero_grad()
+    (block(x[None]) ** 2).sum().backward()
+    want = block.gate.weight.grad
+    # HF's gradient reaches the unchosen logits through the full softmax's normaliser, where it
+    # cancels only up to rounding: compare with an atol relative to the gradient's size.
+    torch.testing.assert_close(g_param.grad, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------
+# aux loss
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("E,K", [(8, 2), (4, 1), (16, 4)])
+def test_aux_loss_matches_transformers(E, K):
+    B, S, L = 3, 5, 4
+    layers = tuple(torch.randn(B * S, E) for _ in range(L))
+    want = hf.load_balancing_loss_func(layers, E, K)
+    torch.testing.assert_close(moe_aux_loss(layers, K), want)
+    torch.testing.assert_close(moe_aux_loss(torch.cat(layers), K), want)  # (L*T, E) concatenated
+    mask = torch.ones(B, S, dtype=torch.int64)
+    mask[0, 3:] = 0
+    mask[2, :1] = 0
+    want_m = hf.load_balancing_loss_func(layers, E, K, attention_mask=mask)
+    torch.testing.assert_close(moe_aux_loss(layers, K, mask), want_m)
+    torch.testing.assert_close(moe_aux_loss(torch.cat(layers), K, mask), want_m)
+    logits = torch.randn(B * S, E, requires_grad=True)  # differentiable through the probabilities
+    moe_aux_loss((logits,), K).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------
+
+
+def _good(T=3, D=16, F=32, E=4, K=2):
+    x, w1, w2, w3 = random_experts(T, D, F, E)
+    weights, experts = ref.route(torch.randn(T, E), K)
+    return dict(x=x, w1=w1, w2=w2, w3=w3, weights=weights, experts=experts)
+
+
+@pytest.mark.parametrize(
+    "change,err,name",
+    [
+        (dict(x=torch.randn(3, 17)), ValueError, "w1"),
+        (dict(x=torch.randn(1, 3, 16)), ValueError, "x"),
+        (dict(x=torch.randn(3, 16).half()), TypeError, "w1"),
+        (dict(w1=torch.randn(4, 32, 15)), ValueError, "w1"),
+        (dict(w3=torch.randn(5, 32, 16)), ValueError, "w3"),
+        (dict(w3=torch.randn(4, 31, 16)), ValueError, "w3"),
+        (dict(w2=torch.randn(4, 32, 16)), ValueError, "w2"),
+        (dict(w2=torch.randn(3, 16, 32)), ValueError, "w2"),
+        (dict(weights=torch.rand(3, 3)), ValueError, "weights"),
+        (dict(weights=torch.rand(3, 2).to(torch.int32)), TypeError, "weights"),
+        (dict(experts=torch.tensor([[0, 1], [2, 4], [0, 1]], dtype=torch.int32)), ValueError, "experts"),
+        (dict(experts=torch.tensor([[0, 1], [2, -1], [0, 1]], dtype=torch.int32)), ValueError, "experts"),
+        (dict(experts=torch.zeros(3, 2)), TypeError, "experts"),
+        (dict(experts=torch.zeros(3, 5, dtype=torch.int32), weights=torch.rand(3, 5)), ValueError, "experts"),
+        (dict(experts=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "experts"),
+    ],
+)
+def test_experts_bad_input(change, err, name):
+    args = _good()
+    args.update(change)
+    with pytest.raises(err, match=name):
+        moe_experts(args["x"], args["w1"], args["w2"], args["w3"], args["weights"], args["experts"])
+
+
+def test_route_bad_input():
+    with pytest.raises(ValueError, match="top_k"):
+        moe_route(torch.randn(3, 4), top_k=5)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_route(torch.randn(3, 4), top_k=0)
+    with pytest.raises(TypeError, match="top_k"):
+        moe_route(torch.randn(3, 4), top_k=2.0)
+    with pytest.raises(ValueError, match="router_logits"):
+        moe_route(torch.randn(2, 3, 4), top_k=2)
+    with pytest.raises(ValueError, match="router_logits"):
+        moe_route(torch.randn(4), top_k=2)
+    with pytest.raises(TypeError, match="router_logits"):
+        moe_route(torch.randint(0, 3, (3, 4)), top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_aux_loss((torch.randn(6, 4),), top_k=5)
+    with pytest.raises(ValueError, match="router_logits"):
+        moe_aux_loss((torch.randn(6, 4), torch.randn(6, 5)), top_k=2)
+    with pytest.raises(ValueError, match="mask"):
+        moe_aux_loss((torch.randn(6, 4),), top_k=2, mask=torch.ones(2, 4))
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
+def test_opcheck(backend):
+    a = _good(T=5, D=16, F=32, E=4, K=2)
+    for key in ("x", "w1", "w2", "w3", "weights"):
+        a[key] = a[key].requires_grad_()
+    torch.library.opcheck(torch.ops.grit.moe_experts.default,
+                          (a["x"], a["w1"], a["w2"], a["w3"], a["weights"], a["experts"], True))
+    torch.library.opcheck(torch.ops.grit.moe_route.default, (torch.randn(5, 8, requires_grad=True), 2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+def test_compile_fullgraph(backend):
+    a = _good(T=5, D=16, F=32, E=4, K=2)
+    gate = torch.randn(4, 16)
+
+    def layer(x):
+        w, e = moe_route(x @ gate.t(), top_k=2)
+        return moe_experts(x, a["w1"], a["w2"], a["w3"], w, e)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(a["x"]), layer(a["x"]))
+
+
+def test_public_names():
+    assert grit_kernels.moe_route is moe_route and grit_kernels.moe_experts is moe_experts
+
+
+# ---------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=needs_C)], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("T,D,F,E,K", [(1, 256, 512, 8, 2), (1000, 256, 384, 8, 2), (333, 128, 256, 16, 4),
+                                       (4096, 512, 1024, 8, 2)])
+def test_gpu_experts(backend, dtype, T, D, F, E, K):
+    torch.manual_seed(0)
+    x, w1, w2, w3 = [t.cuda() for t in random_experts(T, D, F, E, dtype, scale=D ** -0.5)]
+    logits = torch.randn(T, E, device="cuda").to(dtype)
+    weights, experts = moe_route(logits, top_k=K)
+    want_w, want_e = ref.route(logits, K)
+    assert torch.equal(experts, want_e)
+    rtol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(weights.float(), want_w.float(), rtol=rtol, atol=1e-6)
+    _check_grads(x, w1, w2, w3, weights, experts, factor=3.0)
+
+
+@pytest.mark.gpu
+@needs_C
+@pytest.mark.parametrize("T,K,E,block_m", [(1, 2, 8, 16), (16384, 2, 8, 128), (5000, 8, 64, 64), (3000, 4, 256, 16)])
+def test_gpu_sort_and_combine(T, K, E, block_m):
+    for name, experts in _routings(T, K, E):
+        experts = experts.cuda()
+        got = ops._cuda_sort(experts.reshape(-1).contiguous(), E, block_m)
+        want = ref.sort_align(experts, E, block_m)
+        for what, a, b in zip(("sorted_ids", "tile_expert", "offsets"), got, want):
+            assert torch.equal(a, b), f"{name}: {what} differs"
+        y = torch.randn(T * K, 96, device="cuda")
+        torch.testing.assert_close(ops._cuda_combine(y, None, experts, E, K, torch.bfloat16).float(),
+                                   ref.combine(y, K, None, experts, E, torch.bfloat16).float())
