@@ -263,9 +263,18 @@ def backward(grad_loss, q, d, targets, lse, a, b, temperature: float, normalize:
     if normalize:
         rq, q_hat = row_scales(q, 1.0, True, write_hat=True)
         rd, d_hat = row_scales(d, 1.0, True, write_hat=True)
+        q_unit = d_unit = None
     else:
-        rq, q_hat, rd, d_hat = None, q, None, d
-    out_scale = (g_scale / temperature).reshape(1)  # H @ d̂ = dL/dq̂ * T / g_scale
+        rq, rd = None, None
+        q_hat, q_unit = _fit_fp16(q)
+        d_hat, d_unit = _fit_fp16(d)
+    # H @ d̂ = dL/dq̂ * T / g_scale (divided by d's unit when it was rescaled); likewise H^T @ q̂.
+    dq_scale = (g_scale / temperature).reshape(1)
+    dd_scale = dq_scale.clone()
+    if d_unit is not None:
+        dq_scale = dq_scale * d_unit
+    if q_unit is not None:
+        dd_scale = dd_scale * q_unit
 
     elt = q.element_size()
     group = max(cfg["BLOCK_N"], (MAX_GROUP_BYTES // max(B * elt, 1)) // cfg["BLOCK_N"] * cfg["BLOCK_N"])
@@ -281,7 +290,7 @@ def backward(grad_loss, q, d, targets, lse, a, b, temperature: float, normalize:
         _bwd_grad_logits_kernel[grid](q, d, a, b, targets, lse, g, hc, B, N, D, c0, nc,
                                       INPUT_PRECISION=precision, **cfg)
         w = hc.T @ q_hat  # (nc, D): this group's dL/dd̂ * (T / g_scale), complete
-        _project(w, d[c0:c0 + nc], None if rd is None else rd[c0:c0 + nc], out_scale, dd[c0:c0 + nc])
+        _project(w, d[c0:c0 + nc], None if rd is None else rd[c0:c0 + nc], dd_scale, dd[c0:c0 + nc])
         part = hc @ d_hat[c0:c0 + nc]  # (B, D): this group's share of dL/dq̂
         if c0 + nc >= N and u is None:
             u = part  # a single group: no fp32 accumulator at all
@@ -290,8 +299,21 @@ def backward(grad_loss, q, d, targets, lse, a, b, temperature: float, normalize:
         else:
             u += part.float()
     dq = torch.empty_like(q)
-    _project(u, q, rq, out_scale, dq)
+    _project(u, q, rq, dq_scale, dq)
     return dq, dd
+
+
+def _fit_fp16(x):
+    """Unnormalised fp16 GEMM operand and its unit: x / max|x| (and max|x|), else (x, None).
+
+    H^T @ q sums up to B rows of q with weights |H| <= 1, which overflows fp16's 65504 for
+    large entries (B = 512 rows of 300 already do); scaled to |x| <= 1 it stays below B.
+    bf16 and fp32 have fp32's range and go through untouched.
+    """
+    if x.dtype != torch.float16:
+        return x, None
+    unit = torch.maximum(x.amax(), -x.amin()).float().clamp_min(torch.finfo(torch.float16).tiny).reshape(1)
+    return (x / unit).to(torch.float16), unit
 
 
 def _project(grad_hat, x, inv, scale, out):
