@@ -369,23 +369,34 @@ def test_bad_input(backend, case):
 # ---------------------------------------------------------------------------------------
 
 
+# Each GPU case below is a new kernel specialisation (flags, head dim, group, dtype); with
+# GRIT_ATTENTION_AUTOTUNE=0 it compiles one config instead of the whole autotuning list.
+GPU_CASES = [
+    pytest.param(torch.bfloat16, False, (-1, -1), 1025, 8, 2, 128, id="bf16-bidir-1025-gqa4-d128"),
+    pytest.param(torch.bfloat16, True, (-1, -1), 4097, 4, 4, 64, id="bf16-causal-4097-d64"),
+    pytest.param(torch.bfloat16, False, (256, 0), 1025, 8, 2, 128, id="bf16-window(256,0)-1025"),
+    pytest.param(torch.bfloat16, False, (100, 37), 97, 16, 2, 96, id="bf16-window(100,37)-97-gqa8-d96"),
+    pytest.param(torch.float16, True, (-1, -1), 1025, 8, 2, 128, id="fp16-causal-1025"),
+    pytest.param(torch.float16, False, (-1, -1), 97, 16, 2, 96, id="fp16-bidir-97-d96"),
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (256, 0)),
-                                            (False, (100, 37))], ids=["bidir", "causal", "window(w,0)", "asym"])
-@pytest.mark.parametrize("S, Hq, Hkv, D", [(1025, 8, 2, 128), (4097, 4, 4, 64), (97, 16, 2, 96)])
-def test_gpu_padded(dtype, causal, window, S, Hq, Hkv, D):
+@pytest.mark.parametrize("dtype, causal, window, S, Hq, Hkv, D", GPU_CASES)
+def test_gpu_padded(monkeypatch, dtype, causal, window, S, Hq, Hkv, D):
+    monkeypatch.setenv("GRIT_ATTENTION_AUTOTUNE", "0")
     q, k, v = _padded_inputs(2, S, S, Hq, Hkv, D, dtype=dtype, device="cuda")
     check_attention(q, k, v, causal=causal, window=window)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_gpu_packed_and_uneven(dtype, causal):
+@pytest.mark.parametrize("dtype, causal", [(torch.bfloat16, True), (torch.float32, False)], ids=["bf16-causal",
+                                                                                                 "fp32-bidir"])
+def test_gpu_packed_and_uneven(monkeypatch, dtype, causal):
+    monkeypatch.setenv("GRIT_ATTENTION_AUTOTUNE", "0")
     g = torch.Generator().manual_seed(1)
-    lens = torch.randint(1, 2000, (12,), generator=g).tolist() + [1, 4097]
-    q, k, v, cu = _packed_inputs(lens, lens, 32, 8, 128, dtype=dtype, device="cuda")
+    lens = torch.randint(1, 1500, (10,), generator=g).tolist() + [1, 3000]
+    q, k, v, cu = _packed_inputs(lens, lens, 16, 4, 128, dtype=dtype, device="cuda")
     check_attention(q, k, v, causal=causal, **cu)
     q, k, v = _padded_inputs(3, 300, 1000, 8, 1, 128, dtype=dtype, device="cuda")
     check_attention(q, k, v, causal=causal)
@@ -395,6 +406,7 @@ def test_gpu_packed_and_uneven(dtype, causal):
 
 @pytest.mark.gpu
 def test_gpu_opcheck_and_compile():
+    """Also the one GPU test that runs the autotuner (configs chosen on first use)."""
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_args(True))
     args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in args)
@@ -405,7 +417,8 @@ def test_gpu_opcheck_and_compile():
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_backward():
+def test_gpu_deterministic_backward(monkeypatch):
+    monkeypatch.setenv("GRIT_ATTENTION_AUTOTUNE", "0")
     q, k, v = _padded_inputs(2, 2048, 2048, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
     runs = []
     for _ in range(2):

@@ -25,14 +25,15 @@ serves causal and bidirectional attention, sliding windows, GQA and both layouts
   kernel over the KV blocks, as in FA2.
 * Head dim padded to a power of 2 (D = 96 -> 128) with masked loads: zeros add nothing to q·k.
 
-Block sizes: autotuned on CUDA (configs built on first use, nothing at import), a small fixed
-config under TRITON_INTERPRET=1 where numpy runs every tile.
+Block sizes: autotuned on CUDA (configs built on first use, nothing at import;
+GRIT_ATTENTION_AUTOTUNE=0 takes the first config of each list instead), a fixed config under
+TRITON_INTERPRET=1 where numpy runs every tile.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+import os
 
 import torch
 import triton
@@ -469,25 +470,26 @@ _INTERPRET_DQ = dict(BLOCK_M=64, BLOCK_N=32)
 _KEY = ["SEQ_KEY_Q", "SEQ_KEY_K", "BLOCK_D", "PACKED", "HAS_LEFT", "HAS_RIGHT", "PREC", "GROUP"]
 
 
-def _configs(shapes):
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in shapes]
+# GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the fixed
+# choice when GRIT_ATTENTION_AUTOTUNE=0 (every key of the autotuner compiles every config:
+# seconds per new shape/mode, which GPU test runs can skip).
+_GPU_CONFIGS = {
+    # FA2 on sm80/sm90: 128-row Q tiles, 64-128 keys per step.
+    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    # The program holds dK, dV (2 x BLOCK_N x D fp32) and streams Q: small BLOCK_M.
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+    # Holds dQ and streams K, V.
+    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(which: str):
-    """The autotuned kernel, built on first use on a GPU (never at import)."""
-    if which == "fwd":
-        # FA2 on sm80/sm90: 128-row Q tiles, 64-128 keys per step.
-        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                  (64, 32, 4, 4)]
-        return triton.autotune(_configs(shapes), key=_KEY)(_attn_fwd_kernel)
-    if which == "dkdv":
-        # The program holds dK, dV (2 x BLOCK_N x D fp32) and streams Q: keep BLOCK_M small.
-        shapes = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 4)]
-        return triton.autotune(_configs(shapes), key=_KEY)(_attn_bwd_dkdv_kernel)
-    # dq: holds dQ and streams K, V.
-    shapes = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 3)]
-    return triton.autotune(_configs(shapes), key=_KEY)(_attn_bwd_dq_kernel)
+def _tuned(which: str, autotune: bool):
+    """The kernel with its GPU configs, built on first use (never at import)."""
+    shapes = _GPU_CONFIGS[which] if autotune else _GPU_CONFIGS[which][:1]
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
+    return triton.autotune(configs, key=_KEY)(_KERNELS[which])
 
 
 def _interpret() -> bool:
@@ -500,7 +502,8 @@ def _launch(which, kernel, fixed, grid_of, args, **constexprs):
     if _interpret():
         kernel[grid_of(fixed)](*args, **constexprs, **fixed)
     else:
-        _tuned(which)[grid_of](*args, **constexprs)
+        autotune = os.environ.get("GRIT_ATTENTION_AUTOTUNE", "1") not in ("0", "")
+        _tuned(which, autotune)[grid_of](*args, **constexprs)
 
 
 def _strides3(t, packed):
