@@ -42,6 +42,11 @@ def check(out, q, k, v, name="out", **kw):
     assert_close_to_oracle(out, hp, lp, atol=ATOL[q.dtype], name=name)
 
 
+def same(a, b) -> bool:
+    """Bitwise-equal values, NaN equal to NaN (caches carry NaN past the lengths)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def expected_caches(k_cache, v_cache, cache_seqlens, k, v):
     """The caches after the append, by plain indexing (independent of both backends)."""
     kc, vc = k_cache.clone(), v_cache.clone()
@@ -89,8 +94,9 @@ def run_incremental(q, k, v, starts, prefill, S_max, **kw):
     (position offset, output chunk) and the final caches.
     """
     B, L, Hkv, D = k.shape
-    kc = rand(B, S_max, Hkv, D, dtype=k.dtype)  # garbage past the lengths: must never be read
-    vc = rand(B, S_max, Hkv, D, dtype=k.dtype)
+    # NaN past the lengths: a kernel that loads it, even with weight 0, outputs NaN.
+    kc = torch.full((B, S_max, Hkv, D), float("nan"), dtype=k.dtype)
+    vc = torch.full((B, S_max, Hkv, D), float("nan"), dtype=k.dtype)
     for b, s in enumerate(starts):
         kc[b, :s], vc[b, :s] = k[b, :s], v[b, :s]
     seqlens = torch.tensor(starts, dtype=torch.int32)
@@ -107,12 +113,17 @@ def run_incremental(q, k, v, starts, prefill, S_max, **kw):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 1), (8, 1)], ids=["mha", "gqa4", "gqa8"])
-@pytest.mark.parametrize("window", [(-1, -1), (5, 0)], ids=["full", "win5"])
+@pytest.mark.parametrize("dtype,Hq,Hkv,window", [
+    (torch.float32, 2, 2, (-1, -1)),
+    (torch.float32, 4, 1, (5, 0)),
+    (torch.float32, 8, 1, (-1, -1)),
+    (torch.float16, 2, 2, (5, 0)),
+    (torch.float16, 4, 1, (-1, -1)),
+    (torch.float16, 8, 1, (5, 0)),
+], ids=["fp32-mha", "fp32-gqa4-win5", "fp32-gqa8", "fp16-mha-win5", "fp16-gqa4", "fp16-gqa8-win5"])
 def test_prefill_then_decode_equals_full_sequence(backend, dtype, Hq, Hkv, window):
     B, D = 3, 64
-    starts, prefill, decode = [0, 6, 2], 4, 5  # rows of different lengths in one batch
+    starts, prefill, decode = [0, 6, 2], 4, 4  # rows of different lengths in one batch
     L = max(starts) + prefill + decode
     q, k, v = rand(B, L, Hq, D, dtype=dtype), rand(B, L, Hkv, D, dtype=dtype), rand(B, L, Hkv, D, dtype=dtype)
     chunks, kc, vc = run_incremental(q, k, v, starts, prefill, S_max=L + 3, causal=True, window=window)
@@ -130,16 +141,21 @@ def test_prefill_then_decode_equals_full_sequence(backend, dtype, Hq, Hkv, windo
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 @pytest.mark.parametrize("Sq", [1, 3])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-@pytest.mark.parametrize("window", [(-1, -1), (4, 0), (3, 2), (0, 0), (-1, 1)], ids=str)
+@pytest.mark.parametrize("causal,window", [
+    (True, (-1, -1)), (True, (4, 0)), (True, (0, 0)), (False, (-1, -1)), (False, (3, 2)), (False, (-1, 1)),
+    (False, (0, 0)),
+], ids=["causal", "causal-(4,0)", "causal-(0,0)", "bidir", "bidir-(3,2)", "bidir-(-1,1)", "bidir-(0,0)"])
 def test_against_reference_varlen(backend, Sq, causal, window):
     B, S_max, Hq, Hkv, D = 3, 40, 8, 2, 64
     seqlens = torch.tensor([0, 17, 36], dtype=torch.int32)
     q, k, v = rand(B, Sq, Hq, D), rand(B, Sq, Hkv, D), rand(B, Sq, Hkv, D)
     kc, vc = rand(B, S_max, Hkv, D), rand(B, S_max, Hkv, D)
+    for b in range(B):  # NaN past each row's keys: must never be loaded
+        kc[b, int(seqlens[b]) + Sq:] = float("nan")
+        vc[b, int(seqlens[b]) + Sq:] = float("nan")
     ekc, evc = expected_caches(kc, vc, seqlens, k, v)
     out = attention_with_kvcache(q, kc, vc, seqlens, k, v, causal=causal, window=window, softmax_scale=0.2)
-    assert torch.equal(kc, ekc) and torch.equal(vc, evc)
+    assert same(kc, ekc) and same(vc, evc)
     check(out, q, ekc, evc, causal=causal, window=window, softmax_scale=0.2, seqlens_k=(seqlens + Sq).tolist())
 
 
@@ -350,6 +366,34 @@ def test_bad_input(backend, name, make, exc, match):
     with pytest.raises(exc, match=match):
         attention_with_kvcache(**a)
     assert torch.equal(a["k_cache"], kc) and torch.equal(a["v_cache"], vc), "a rejected call wrote the cache"
+
+
+def test_length_check_reads_once_per_unchanged_tensor(monkeypatch):
+    """Layers of a decode step share one unmodified cache_seqlens: its values are read once;
+    an in-place change (the step's ``seqlens += 1``, or a bad value) is read again."""
+    from grit_kernels.ops import attention_kvcache as op_mod
+
+    reads = []
+    real = op_mod._read_lengths
+    monkeypatch.setattr(op_mod, "_read_lengths", lambda t: reads.append(1) or real(t))
+    a = _good()
+    for _layer in range(3):
+        attention_with_kvcache(**a)
+    assert len(reads) == 1
+    a["cache_seqlens"] += 1
+    attention_with_kvcache(**a)
+    assert len(reads) == 2
+    a["cache_seqlens"][1] = 7  # 7 + Sq 2 > S_max 8
+    kc = a["k_cache"].clone()
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+        attention_with_kvcache(**a)
+    assert torch.equal(a["k_cache"], kc)
+    assert len(reads) == 3
+    # Other bounds (no append: Sq_new = 0) are checked afresh.
+    a["cache_seqlens"][1] = 3
+    attention_with_kvcache(**a)
+    attention_with_kvcache(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"])
+    assert len(reads) == 5
 
 
 @pytest.mark.parametrize("window,exc,match", [

@@ -15,6 +15,7 @@ attention_kvcache.py); see grit_kernels/_backend.py. There is no csrc kernel for
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -71,9 +72,10 @@ def attention_with_kvcache(
     Inference only: not differentiable (no backward is registered; calling backward through
     it raises). Validation happens before anything is written: a rejected call leaves the
     caches untouched. The "cache too small" check reads ``cache_seqlens`` on the host, which
-    on CUDA is one small device-to-host copy (a sync) per call; it is skipped while a CUDA
-    graph is being captured (a sync is illegal there), and the kernels additionally never
-    write at or past S_max.
+    on CUDA is one small device-to-host copy (a sync); it is skipped when the same
+    ``cache_seqlens`` tensor was already checked and not modified since (the other layers
+    of a decode step) and while a CUDA graph is being captured (a sync is illegal there).
+    The kernels additionally never write at or past S_max.
     """
     left, right = _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -127,19 +129,37 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_
     return left, (0 if causal else right)
 
 
+def _read_lengths(cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 on the host (a device-to-host copy and sync for CUDA tensors)."""
+    return cache_seqlens.detach().to("cpu", torch.int64)
+
+
+# The cache_seqlens tensor last found valid, its version counter and the bounds it was checked
+# against. A decode step calls the op once per layer with the same, unmodified lengths: only
+# the first call pays the host sync. Any in-place change (``seqlens += 1``) bumps the version.
+_last_checked: tuple | None = None
+
+
 def _check_values(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
     """0 <= cache_seqlens[b] and cache_seqlens[b] + Sq_new <= S_max, before anything is written.
 
     Reads the (B,) int32 values on the host: free for CPU tensors, one device-to-host copy
-    and stream sync on CUDA. Decode latency pays a few microseconds for it; we keep it
-    because an out-of-range append would otherwise silently drop tokens. Skipped under fake
-    tensors and during CUDA graph capture, where reading values is impossible.
+    and stream sync on CUDA. We keep it on CUDA because an out-of-range append would
+    otherwise silently drop tokens (the kernels never write past S_max), and pay it once
+    per decode step rather than once per layer: a tensor already checked against the same
+    bounds and not modified since (same object, same version counter) is not read again.
+    Skipped under fake tensors and during CUDA graph capture, where values cannot be read.
     """
+    global _last_checked
     if cache_seqlens.numel() == 0 or _checks._is_fake(cache_seqlens):
         return
     if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    values = cache_seqlens.detach().to("cpu", torch.int64)
+    if _last_checked is not None:
+        ref_, version, bounds = _last_checked
+        if ref_() is cache_seqlens and version == cache_seqlens._version and bounds == (S_max, Sq_new):
+            return
+    values = _read_lengths(cache_seqlens)
     if bool((values < 0).any()):
         raise ValueError(f"cache_seqlens: expected non-negative lengths, got {values.tolist()[:16]}")
     too_long = values + Sq_new > S_max
@@ -147,6 +167,7 @@ def _check_values(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
         b = int(too_long.nonzero()[0, 0])
         what = f"cache_seqlens[{b}] + Sq = {int(values[b])} + {Sq_new}" if Sq_new else f"cache_seqlens[{b}] = {int(values[b])}"
         raise ValueError(f"cache_seqlens: {what} exceeds the cache capacity S_max = {S_max} (k_cache too small)")
+    _last_checked = (weakref.ref(cache_seqlens), cache_seqlens._version, (S_max, Sq_new))
 
 
 # ---------------------------------------------------------------------------------------

@@ -73,9 +73,11 @@ def _attn_kernel(
     SPLIT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    mblk = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)
+    # Row blocks of one (b, KV head) are adjacent programs: a long prefill's blocks share K/V in L2.
+    M_BLOCKS = tl.cdiv(Sq * GROUP, BLOCK_M)
+    mblk = tl.program_id(0) % M_BLOCKS
+    bh = tl.program_id(0) // M_BLOCKS
+    split = tl.program_id(1)
     b = bh // Hkv
     hkv = bh % Hkv
     M = Sq * GROUP
@@ -287,7 +289,7 @@ def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, 
         else:
             num_splits = num_splits_for(B * Hkv, m_blocks, S_max, _sm_count(q.device.index or 0))
     split = num_splits > 1
-    block_d = triton.next_power_of_2(D)
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
     left, right = window
     if split:
         R = B * Hkv * M
@@ -307,7 +309,7 @@ def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, 
         GROUP=group, CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=(not causal) and right >= 0,
         SPLIT=split, IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_D=block_d,
     )
-    grid = (m_blocks, B * Hkv, num_splits)
+    grid = (m_blocks * B * Hkv, num_splits)  # dim 0 allows 2**31 - 1 programs, dims 1-2 only 65535
     if interpret:
         _attn_kernel[grid](*args, 0, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
     else:
