@@ -173,6 +173,34 @@ def test_head_dims(backend, D):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("Sq", [1, 7])
+def test_long_cache(backend, Sq):
+    B, Hq, Hkv, D = 1, 8, 2, 128
+    seqlens = torch.tensor([1025], dtype=torch.int32)
+    S_max = 1025 + Sq
+    q, k, v = rand(B, Sq, Hq, D), rand(B, Sq, Hkv, D), rand(B, Sq, Hkv, D)
+    kc, vc = rand(B, S_max, Hkv, D), rand(B, S_max, Hkv, D)
+    ekc, evc = expected_caches(kc, vc, seqlens, k, v)
+    out = attention_with_kvcache(q, kc, vc, seqlens, k, v)
+    check(out, q, ekc, evc, seqlens_k=(seqlens + Sq).tolist())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("B,Sq,Hq,Hkv,D", [(0, 1, 4, 2, 64), (2, 0, 4, 2, 64), (2, 2, 2, 1, 8), (1, 3, 3, 3, 1)],
+                         ids=["B=0", "Sq=0", "D=8", "D=1"])
+def test_degenerate_sizes(backend, B, Sq, Hq, Hkv, D):
+    S_max = 9
+    seqlens = torch.tensor([4, 6][:B], dtype=torch.int32)
+    q, k, v = rand(B, Sq, Hq, D), rand(B, Sq, Hkv, D), rand(B, Sq, Hkv, D)
+    kc, vc = rand(B, S_max, Hkv, D), rand(B, S_max, Hkv, D)
+    ekc, evc = expected_caches(kc, vc, seqlens, k, v)
+    out = attention_with_kvcache(q, kc, vc, seqlens, k, v)
+    assert out.shape == (B, Sq, Hq, D)
+    assert torch.equal(kc, ekc) and torch.equal(vc, evc)
+    check(out, q, ekc, evc, seqlens_k=(seqlens + Sq).tolist())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 def test_append_writes_exactly_the_new_slots(backend):
     B, S_max, Hkv, D, Sq = 3, 12, 2, 64, 3
     seqlens = torch.tensor([0, 4, 9], dtype=torch.int32)  # row 2 fills the cache to the brim
