@@ -37,6 +37,7 @@ _SUPPORTED = ("torch", "triton", "cuda")
 # csrc's routing kernel keeps a row of probabilities and the top-k in registers.
 CUDA_MAX_EXPERTS = 64
 CUDA_MAX_TOP_K = 8
+CUDA_SORT_MAX_EXPERTS = 256  # csrc's sort keeps per-warp counters of every expert in shared memory
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def _plan(x, w1, K: int):
 
 
 def _sort(experts, E: int, block_m: int, backend: str):
-    if backend == "cuda":
+    if backend == "cuda" and E <= CUDA_SORT_MAX_EXPERTS:
         return _cuda_sort(experts, E, block_m)
     return ref.sort_align(experts, E, block_m)
 

@@ -70,9 +70,15 @@ def plan(TK: int, E: int, D: int, F: int, dtype: torch.dtype, on_gpu: bool) -> C
         bm = 128
     small = bm <= 32
     wide = 32 if ieee else 64
-    return Config(block_m=bm, block_n=64 if small else (wide if bm == 128 else 128), block_k=128 if small else wide,
+    # Shared memory per stage, bf16, the largest kernel (dx: dg, du tiles + w1, w3 tiles):
+    # small 2*16*128*2 + 2*128*64*2 = 40 KB; BM=128: 2*128*64*2 + 2*64*64*2 = 48 KB; three
+    # stages stay under the A100's 163 KB. fp32 halves BK/BN to stay there too.
+    # Decode (BM = 16) is bound by reading the chosen experts' weights: narrower column tiles
+    # put more programs in flight (the down projection of one token has D / BN of them).
+    return Config(block_m=bm, block_n=(32 if bm == 16 else 64) if small else (wide if bm == 128 else 128),
+                  block_k=(64 if ieee else 128) if small else wide,
                   block_dw=64 if ieee else 128, block_r=32 if ieee else 64, group_m=8,
-                  num_warps=4 if small else 8, num_stages=4 if small else 3, ieee=ieee)
+                  num_warps=4 if small else 8, num_stages=3, ieee=ieee)
 
 
 # ---------------------------------------------------------------------------------------
