@@ -218,7 +218,7 @@ def generate(
         for b, r in enumerate(rows):
             tokens[b, :lens[b]] = r
         positions = cache.seqlens.long()[:, None] + torch.arange(S, device=device)
-        hidden = model.forward_cached(tokens, positions, cache)
+        hidden = model.forward_cached(tokens, positions, cache, position_bound=cache.max_len)
         last = hidden[torch.arange(B, device=device), torch.tensor(lens, device=device) - 1]
         cache.seqlens.copy_(torch.tensor([p + n for p, n in zip(plens, lens)], dtype=torch.int32))
     else:
@@ -226,11 +226,13 @@ def generate(
         tokens = torch.cat(rows)
         cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
         kv = []
-        hidden = model(tokens, packed_positions(cu, tokens.numel()), cu, max(lens), causal=True, kv_out=kv)
+        positions = packed_positions(cu, tokens.numel())
+        hidden = model(tokens, positions, cu, max(lens), causal=True, kv_out=kv, position_bound=max(lens))
+        # One scatter per layer: packed token t goes to cache row row_of[t], slot positions[t].
+        row_of = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(lens, device=device))
         for layer, (k, v) in enumerate(kv):
-            for b in range(B):
-                cache.k[layer][b, :lens[b]] = k[cu[b]:cu[b + 1]]
-                cache.v[layer][b, :lens[b]] = v[cu[b]:cu[b + 1]]
+            cache.k[layer][row_of, positions] = k
+            cache.v[layer][row_of, positions] = v
         cache.seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
         last = hidden[cu[1:].long() - 1]
 
@@ -253,5 +255,5 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         positions = cache.seqlens.long()[:, None]
-        last = model.forward_cached(nxt[:, None], positions, cache)[:, 0]
+        last = model.forward_cached(nxt[:, None], positions, cache, position_bound=cache.max_len)[:, 0]
     return torch.cat([input_ids, torch.stack(out, 1)], dim=1)

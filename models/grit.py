@@ -176,7 +176,7 @@ class GritModel(torch.nn.Module):
         cu = torch.tensor([0] + lengths, device=dev).cumsum(0).to(torch.int32)
         kv = [] if get_cache else None
         hidden = self.model(tokens, packed_positions(cu, tokens.numel()), cu, max(lengths),
-                            causal=not bidirectional, kv_out=kv)
+                            causal=not bidirectional, kv_out=kv, position_bound=max(lengths))
         method = self.pooling_method
         normalize_in_kernel = self.normalized and self.projection is None and not recast
         if method in ("mean", "weightedmean"):

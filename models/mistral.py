@@ -48,38 +48,37 @@ class Rotary:
     """RoPE tables (fp32), grown on demand and kept per device. Positions index the table, so
     a cache computed at positions 0..L-1 keeps them when it is later reused (gritlm's rule)."""
 
-    def __init__(self, head_dim: int, theta: float):
-        self.head_dim, self.theta = head_dim, theta
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
+        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _table(self, n: int, device: torch.device):
         cos, sin = self._tables.get(device, (None, None))
         if cos is None or cos.shape[0] < n:
-            n = max(n, 2 * (cos.shape[0] if cos is not None else 1024))
+            n = max(n, self.max_positions, 2 * cos.shape[0] if cos is not None else 0)
             # Same fp32 arithmetic as HF's rotary embedding, so the tables are bit-identical.
+            # Only the first half is kept: HF's cos/sin repeat it for the second half.
             inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
-            inv_freq = inv_freq.to(device)
-            freqs = torch.arange(n, device=device).float()[:, None] * inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos(), emb.sin()
+            freqs = torch.arange(n, device=device).float()[:, None] * inv_freq.to(device)[None, :]
+            cos, sin = freqs.cos(), freqs.sin()
             self._tables[device] = (cos, sin)
         return cos, sin
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin of shape positions.shape + (1, K) in ``dtype`` (broadcast over heads)."""
-        n = int(positions.max()) + 1 if positions.numel() else 1
-        cos, sin = self._table(n, positions.device)
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype, bound: int | None = None):
+        """cos, sin of shape positions.shape + (1, K/2) in ``dtype`` (broadcast over heads).
+
+        ``bound`` > every position spares reading ``positions.max()`` (a host sync on GPU)."""
+        if bound is None:
+            bound = int(positions.max()) + 1 if positions.numel() else 1
+        cos, sin = self._table(bound, positions.device)
         return cos[positions].to(dtype).unsqueeze(-2), sin[positions].to(dtype).unsqueeze(-2)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., H, K) rotated by cos/sin (..., 1, K): the half-split convention of HF Mistral."""
-    return x * cos + _rotate_half(x) * sin
+    """x (..., H, K) rotated by cos/sin (..., 1, K/2), HF Mistral's half-split convention:
+    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] (what x*cos + rotate_half(x)*sin computes)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class KVCache:
@@ -112,12 +111,10 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor, cos, sin):
         """x (..., D) -> q (..., Hq, K), k and v (..., Hk, K), RoPE applied to q and k."""
-        qkv = F.linear(x, self.wqkv)
-        q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
-        q = q.unflatten(-1, (self.n_q, self.head_dim))
-        k = k.unflatten(-1, (self.n_kv, self.head_dim))
-        v = v.unflatten(-1, (self.n_kv, self.head_dim))
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        qkv = F.linear(x, self.wqkv).unflatten(-1, (self.n_q + 2 * self.n_kv, self.head_dim))
+        # One rotary pass over the q and k heads together (half the elementwise launches).
+        qk = apply_rotary(qkv[..., :self.n_q + self.n_kv, :], cos, sin)
+        return qk[..., :self.n_q, :], qk[..., self.n_q:, :], qkv[..., self.n_q + self.n_kv:, :]
 
     def forward(self, x_TD, cos, sin, cu_seqlens, max_seqlen: int, causal: bool, kv_out: list | None):
         q, k, v = self._qkv(x_TD, cos, sin)
@@ -196,7 +193,7 @@ class Transformer(nn.Module):
         self.lm_head = (nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
                         if with_lm_head and not cfg.tie_word_embeddings else None)
         self.has_lm_head = with_lm_head
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,26 +204,29 @@ class Transformer(nn.Module):
         return self.embed.device
 
     def forward(self, tokens_T: torch.Tensor, positions_T: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int, *, causal: bool, kv_out: list | None = None) -> torch.Tensor:
+                max_seqlen: int, *, causal: bool, kv_out: list | None = None,
+                position_bound: int | None = None) -> torch.Tensor:
         """Packed forward.
 
         tokens_T, positions_T: (T,) int64; cu_seqlens: (B + 1,) int32 offsets of the sequences;
         max_seqlen: the longest one. ``kv_out``: when a list, each layer's RoPE'd (k, v) (T, Hk, K)
-        are appended to it (to build KV caches).
+        are appended to it (to build KV caches). ``position_bound``: an int > every position
+        (spares a host sync to find it).
         Returns the final-normed hidden states (T, D).
         """
         x = F.embedding(tokens_T, self.embed)
-        cos, sin = self.rotary(positions_T, x.dtype)
+        cos, sin = self.rotary(positions_T, x.dtype, position_bound)
         for layer in self.layers:
             x = x + layer.attn(layer.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, causal, kv_out)
             x = x + layer.mlp(layer.mlp_norm(x))
         return self.norm(x)
 
-    def forward_cached(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward_cached(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor, cache: KVCache,
+                       position_bound: int | None = None) -> torch.Tensor:
         """Appends S new tokens per row to ``cache`` (causal, config window) and advances
         ``cache.seqlens`` by S. tokens_BS, positions_BS (B, S) int64. Returns hidden (B, S, D)."""
         x = F.embedding(tokens_BS, self.embed)
-        cos, sin = self.rotary(positions_BS, x.dtype)
+        cos, sin = self.rotary(positions_BS, x.dtype, position_bound)
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
             x = x + layer.attn.forward_cached(layer.attn_norm(x), cos, sin, k_cache, v_cache, cache.seqlens)
             x = x + layer.mlp(layer.mlp_norm(x))
