@@ -483,7 +483,7 @@ def attn_types(p):
 
 for dt, group, causal, left, right, split, bm, bn, bd in [
     ("bf16", 4, True, False, False, True, 16, 64, 128),   # decode, split KV
-    ("bf16", 8, True, True, False, False, 64, 32, 128),   # prefill over a cache, window
+    ("bf16", 8, True, True, False, False, 128, 64, 128),  # prefill over a cache, window
     ("fp32", 1, False, True, True, True, 32, 32, 64),     # ieee dot, bidirectional window
 ]:
     build(m._attn_kernel, attn_types("*" + dt), dict(GROUP=group, CAUSAL=causal, HAS_LEFT=left, HAS_RIGHT=right,

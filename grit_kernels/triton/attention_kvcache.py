@@ -225,24 +225,28 @@ def append_kv(k_cache, v_cache, cache_seqlens, k, v) -> None:
 _INTERPRET_BLOCK_N = 16
 
 
-def _gpu_configs():
-    configs = []
-    for block_n in (32, 64, 128):
-        for warps in (4, 8):
-            for stages in (2, 3, 4):
-                configs.append(triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return configs
+def _decode_configs():
+    """Few rows (M = Sq * G <= 64, BLOCK_M set by the launcher): memory-bound, tune the KV tile."""
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+            for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+
+
+def _prefill_configs():
+    """Many rows (prefill over a cache): compute-bound, tune the row block too."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m in (64, 128) for n in (32, 64) for w in (4, 8) for st in (2, 3)]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_attn_kernel():
+def _tuned_attn_kernel(prefill: bool):
     """The attention kernel under triton.autotune, built on first GPU use (nothing at import).
 
     Safe to replay: the kernel writes only out/opart/lse, never the caches.
-    TUNE_KEY buckets (rows per block, splits, head dim, log2 of the cache capacity), so a
-    new decode length does not re-tune.
+    TUNE_KEY buckets (rows, splits, head dim, log2 of the cache capacity), so a new decode
+    length does not re-tune.
     """
-    return triton.autotune(configs=_gpu_configs(), key=["TUNE_KEY"])(_attn_kernel)
+    configs = _prefill_configs() if prefill else _decode_configs()
+    return triton.autotune(configs=configs, key=["TUNE_KEY"])(_attn_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,6 +284,8 @@ def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, 
     if out.numel() == 0:
         return out
     M = Sq * group
+    # Decode rows: the smallest tensor-core tile that holds them. Prefill (M > 64): 64 here,
+    # for the split heuristic; on a GPU the autotuner picks 64 or 128.
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     m_blocks = triton.cdiv(M, block_m)
     interpret = _backend.triton_interpret() or not q.is_cuda
@@ -307,14 +313,22 @@ def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, 
     )
     meta = dict(
         GROUP=group, CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=(not causal) and right >= 0,
-        SPLIT=split, IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_D=block_d,
+        SPLIT=split, IEEE=q.dtype == torch.float32, BLOCK_D=block_d,
     )
-    grid = (m_blocks * B * Hkv, num_splits)  # dim 0 allows 2**31 - 1 programs, dims 1-2 only 65535
     if interpret:
-        _attn_kernel[grid](*args, 0, **meta, BLOCK_N=_INTERPRET_BLOCK_N)
+        grid = (m_blocks * B * Hkv, num_splits)  # dim 0 allows 2**31 - 1 programs, dims 1-2 only 65535
+        _attn_kernel[grid](*args, 0, **meta, BLOCK_M=block_m, BLOCK_N=_INTERPRET_BLOCK_N)
     else:
-        tune_key = ((block_m * 1024 + min(num_splits, 128)) * 512 + block_d) * 64 + int(math.log2(max(S_max, 1)))
-        _tuned_attn_kernel()[grid](*args, tune_key, **meta)
+        prefill = M > 64
+        rows_bucket = triton.next_power_of_2(M)
+        tune_key = ((rows_bucket * 256 + min(num_splits, 128)) * 512 + block_d) * 64 + int(math.log2(max(S_max, 1)))
+        if prefill:  # the autotuner picks BLOCK_M: the grid follows it
+            def grid(meta):
+                return (triton.cdiv(M, meta["BLOCK_M"]) * B * Hkv, num_splits)
+        else:
+            grid = (m_blocks * B * Hkv, num_splits)
+            meta["BLOCK_M"] = block_m
+        _tuned_attn_kernel(prefill)[grid](*args, tune_key, **meta)
     if split:
         block_s = triton.next_power_of_2(num_splits)
         _combine_kernel[(R,)](
