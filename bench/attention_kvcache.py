@@ -4,9 +4,10 @@ GPU: GritLM's heads (Hq=32, Hkv=8, D=128) in bf16, one new token per row, batch 
 cache 1k..32k tokens, every row at the same length so that the baseline,
 ``F.scaled_dot_product_attention(..., enable_gqa=True)`` over ``cache[:, :len]`` after a slice
 assignment of the new k/v, is an honest equivalent.
-Two rows per shape: ``triton`` is the public op (its "cache too small" check reads
-cache_seqlens on the host: one sync per call), ``triton kernels`` the append + attention
-launchers alone, i.e. what a CUDA-graph-captured decode step pays.
+Two rows per shape: ``triton`` is the public op (Python validation and dispatch included;
+its host read of cache_seqlens happens on the first call only, since the lengths tensor is
+not modified between calls, as between the layers of one decode step), ``triton kernels``
+the append + attention launchers alone. SDPA picks its own backend for GQA decode.
 CPU: a small shape on the torch (reference) backend.
 Bytes counted: the K and V rows attended (cache_seqlens + 1 per row), read once.
 """
