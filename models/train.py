@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: ddp under torchrun (WORLD_SIZE > 1), else none")
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: on GPU)")
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the saved weights (default: the fp32 master weights; another dtype "
+                        "makes resuming inexact)")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="safetensors shard size")
     p.add_argument("--resume", default=None, help="an output dir (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--log-file", default=None, help="JSON lines of per-step losses (default OUT/log.jsonl)")
@@ -191,7 +195,9 @@ def train(argv=None) -> dict:
             bar.update(1)
         if (a.save_steps and (step + 1) % a.save_steps == 0) or step + 1 == a.max_steps:
             T.save_training_state(out_dir / f"checkpoint-{step + 1}", module, optimizer, scheduler, step + 1,
-                                  source if not resume else resume)
+                                  source if not resume else resume,
+                                  dtype=getattr(torch, a.save_dtype) if a.save_dtype else None,
+                                  max_shard_bytes=int(a.max_shard_size_gb * 2**30))
     if bar is not None:
         bar.close()
     return {"history": history, "output_dir": str(out_dir)}

@@ -402,7 +402,12 @@ def _layer_forward(self, x_TD, cos, sin, cu_seqlens, max_seqlen: int, causal: bo
     if hasattr(mlp, "gate") and hasattr(mlp, "w1"):  # Mixtral MoE
         logits_TE = F.linear(h, mlp.gate)
         weights, experts = grit_kernels.moe_route(logits_TE, top_k=mlp.top_k)
-        return x_TD + grit_kernels.moe_experts(h, mlp.w1, mlp.w2, mlp.w3, weights, experts), logits_TE
+        w1, w2, w3 = mlp.w1, mlp.w2, mlp.w3
+        dev = h.device.type
+        if torch.is_autocast_enabled(dev):  # custom ops are not autocast: cast as autocast would
+            dt = torch.get_autocast_dtype(dev)
+            h, w1, w2, w3, weights = (t.to(dt) for t in (h, w1, w2, w3, weights))
+        return x_TD + grit_kernels.moe_experts(h, w1, w2, w3, weights, experts), logits_TE
     return x_TD + mlp(h), None
 
 
@@ -442,7 +447,12 @@ class GritTrainModel(nn.Module):
         """(T, D) final-normed hidden states and the per-layer router logits (Mixtral)."""
         m = self.model
         x = F.embedding(tokens_T, m.embed)
-        cos, sin = m.rotary(_packed_positions(cu_seqlens, tokens_T.numel()), x.dtype)
+        # Under autocast the projections give bf16 q, k, v while the fp32 master weights keep
+        # the residual stream in fp32: RoPE tables in the residual's dtype would promote q and
+        # k back to fp32 next to a bf16 v, which the attention op rejects.
+        dev = x.device.type
+        rope_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        cos, sin = m.rotary(_packed_positions(cu_seqlens, tokens_T.numel()), rope_dtype)
         router = []
         for layer in m.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -692,10 +702,14 @@ def _full_model_state(module: nn.Module) -> dict:
     return out
 
 
-def save_model(module: nn.Module, path, source_dir, *, dtype: torch.dtype | None = None) -> Path | None:
-    """Write the model inside ``module`` as an HF checkpoint folder (``model.safetensors``,
-    ``config.json`` and the tokenizer files copied from ``source_dir``) that ``load_checkpoint``,
-    ``GritModel`` and transformers read. Collective under torch.distributed; rank 0 writes."""
+def save_model(module: nn.Module, path, source_dir, *, dtype: torch.dtype | None = None,
+               max_shard_bytes: int = 5 * 2**30) -> Path | None:
+    """Write the model inside ``module`` as an HF checkpoint folder that ``load_checkpoint``,
+    ``GritModel`` and transformers read: ``model.safetensors``, or shards of at most
+    ``max_shard_bytes`` with ``model.safetensors.index.json``; ``config.json`` (its dtype
+    updated) and the tokenizer files copied from ``source_dir``. ``dtype``: cast on save
+    (default: the training dtype, which keeps resuming bit-exact). Collective under
+    torch.distributed (the shards are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
     sd = _full_model_state(module)
@@ -710,7 +724,27 @@ def save_model(module: nn.Module, path, source_dir, *, dtype: torch.dtype | None
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     saved_dtype = next(iter(tensors.values())).dtype
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    for old in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: tensors[n] for n in names}, str(path / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg_json["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
     cfg_json.pop("dtype", None)
     (path / "config.json").write_text(json.dumps(cfg_json, indent=2))
@@ -734,13 +768,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path, module, optimizer, scheduler, step: int, source_dir, extra: dict | None = None) -> Path:
-    """A resumable checkpoint folder: the HF model (``save_model``) + ``training_state.pt``
-    (full optimiser state keyed by parameter name, scheduler, step, RNG states per rank)."""
+def save_training_state(path, module, optimizer, scheduler, step: int, source_dir, extra: dict | None = None,
+                        **save_kwargs) -> Path:
+    """A resumable checkpoint folder: the HF model (``save_model``, ``save_kwargs`` passed on)
+    + ``training_state.pt`` (full optimiser state keyed by parameter name, scheduler, step,
+    RNG states per rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     path = Path(path)
-    save_model(module, path, source_dir)
+    save_model(module, path, source_dir, **save_kwargs)
     osd = get_optimizer_state_dict(module, optimizer,
                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rank, world = _dist()

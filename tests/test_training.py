@@ -325,6 +325,24 @@ def test_gradcache_and_checkpointing_equal_unchunked_step(ckpt):
             assert_grad_close(got_g[n], g, f"grad of {n}")
 
 
+@pytest.mark.parametrize("arch", ["mistral", "mixtral"])
+def test_bf16_autocast_step_is_close_to_fp32(ckpt, moe_ckpt, arch):
+    """The GPU recipe (fp32 master weights, bf16 autocast), run on CPU autocast: the step
+    runs (q, k, v reach attention in one dtype) and stays near the fp32 step."""
+    src = ckpt if arch == "mistral" else moe_ckpt
+    batch = _data(src).local_batch(1)
+    out = {}
+    for dt in (None, torch.bfloat16):
+        m = T.GritTrainModel(T.load_model(src, "cpu"))
+        out[dt] = T.GritStep(m, T.StepConfig(autocast_dtype=dt, emb_chunk_size=2))(batch), _grads(m)
+    (lo, glo), (hi, ghi) = out[torch.bfloat16], out[None]
+    assert lo["loss_gen"] == pytest.approx(hi["loss_gen"], rel=2e-2)
+    assert lo["loss_emb"] == pytest.approx(hi["loss_emb"], rel=5e-2)
+    assert all(g.dtype == torch.float32 for g in glo.values())
+    for n in ("model.embed", "model.lm_head", "model.layers.0.attn.wqkv"):
+        assert_grad_close(glo[n], ghi[n], f"bf16 grad of {n}", tol=0.1)
+
+
 # ----------------------------------------------------------------------------- distributed
 
 
@@ -486,7 +504,9 @@ def test_saved_model_reads_back_in_transformers(ckpt, moe_ckpt, tmp_path, arch):
     with torch.no_grad():
         for p in tm.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    T.save_model(tm, tmp_path / "saved", src)
+    # Mixtral: sharded (index json) and saved in bf16; Mistral: one file, fp32.
+    kw = {} if arch == "mistral" else dict(max_shard_bytes=60_000, dtype=torch.bfloat16)
+    T.save_model(tm, tmp_path / "saved", src, **kw)
     cls = transformers.MistralForCausalLM if arch == "mistral" else transformers.MixtralForCausalLM
     hf = cls.from_pretrained(tmp_path / "saved", dtype=torch.float32)
     ids = torch.tensor([[1, 3, 6, 40, 50, 60, 6, 5, 6, 70, 80]])
@@ -498,9 +518,19 @@ def test_saved_model_reads_back_in_transformers(ckpt, moe_ckpt, tmp_path, arch):
         cu = torch.tensor([0, ids.shape[1]], dtype=torch.int32)
         pos = torch.arange(ids.shape[1])
         reread = back.logits(back(ids[0], pos, cu, ids.shape[1], causal=True))
+    if arch == "mixtral":
+        assert len(list((tmp_path / "saved").glob("model-0000*-of-*.safetensors"))) > 2
+        assert back.dtype == torch.bfloat16 and hf.dtype == torch.float32
+        back = back.float()
+        with torch.no_grad():
+            for p in tm.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+            ours = tm.model.logits(tm.hidden(ids[0], cu, ids.shape[1], causal=True)[0])
+            reread = back.logits(back(ids[0], pos, cu, ids.shape[1], causal=True))
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(reread, want, rtol=1e-4, atol=1e-5)
-    assert json.loads((tmp_path / "saved" / "config.json").read_text())["torch_dtype"] == "float32"
+    saved_dtype = json.loads((tmp_path / "saved" / "config.json").read_text())["torch_dtype"]
+    assert saved_dtype == ("float32" if arch == "mistral" else "bfloat16")
     assert (tmp_path / "saved" / "tokenizer.json").is_file()
 
 
