@@ -222,13 +222,13 @@ def test_append_writes_exactly_the_new_slots(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 def test_strided_caches(backend):
     # Caches as views: K and V interleaved in one buffer (B, S_max, 2, Hkv, D), q a slice
-    # of a fused QKV projection. Only the last dim is contiguous.
+    # of a fused QKV projection, lengths a strided view. Only the last dim is contiguous.
     B, S_max, Hq, Hkv, D, Sq = 2, 20, 4, 2, 64, 2
     kv = rand(B, S_max, 2, Hkv, D)
     kc, vc = kv[:, :, 0], kv[:, :, 1]
     qkv = rand(B, Sq, Hq + 2 * Hkv, D)
     q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
-    seqlens = torch.tensor([3, 18], dtype=torch.int32)
+    seqlens = torch.tensor([3, 7, 18, 0], dtype=torch.int32)[::2]  # a strided view: [3, 18]
     ekc, evc = expected_caches(kc, vc, seqlens, k, v)
     out = attention_with_kvcache(q, kc, vc, seqlens, k, v)
     assert torch.equal(kv[:, :, 0], ekc) and torch.equal(kv[:, :, 1], evc)

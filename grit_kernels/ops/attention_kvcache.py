@@ -197,6 +197,7 @@ def _attention_with_kvcache_op(
                                           window=window, softmax_scale=softmax_scale)
     from ..triton import attention_kvcache as tri
 
+    cache_seqlens = cache_seqlens.contiguous()  # the kernels index it densely (a view may be strided)
     if k is not None:
         tri.append_kv(k_cache, v_cache, cache_seqlens, k, v)
     return tri.attention(q, k_cache, v_cache, cache_seqlens, q.shape[1] if k is not None else 0,
