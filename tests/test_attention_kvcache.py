@@ -363,7 +363,8 @@ BAD = [
     ("v_cache_shape", _with(v_cache=lambda a: rand(2, 9, 2, 64)), ValueError, "v_cache: expected shape"),
     ("batch", _with(k_cache=lambda a: rand(3, 8, 2, 64), v_cache=lambda a: rand(3, 8, 2, 64)), ValueError,
      "k_cache: expected batch 2"),
-    ("seqlens_dtype", _with(cache_seqlens=lambda a: torch.tensor([1, 3])), TypeError, "cache_seqlens: expected dtype int32"),
+    ("seqlens_dtype", _with(cache_seqlens=lambda a: torch.tensor([1, 3])), TypeError,
+     "cache_seqlens: expected dtype int32"),
     ("seqlens_shape", _with(cache_seqlens=lambda a: torch.tensor([1, 3, 0], dtype=torch.int32)), ValueError,
      "cache_seqlens: expected shape"),
     ("seqlens_2d", _with(cache_seqlens=lambda a: torch.tensor([[1, 3]], dtype=torch.int32)), ValueError,
@@ -558,7 +559,8 @@ def test_gpu_prefill_then_decode(monkeypatch):
     B, Hq, Hkv, D, dtype = 2, 32, 8, 128, torch.bfloat16
     L, prefill = 600, 500
     q, k, v = (rand(B, L, h, D, dtype=dtype, device="cuda") for h in (Hq, Hkv, Hkv))
-    kc, vc = torch.zeros(B, 1024, Hkv, D, dtype=dtype, device="cuda"), torch.zeros(B, 1024, Hkv, D, dtype=dtype, device="cuda")
+    kc = torch.zeros(B, 1024, Hkv, D, dtype=dtype, device="cuda")
+    vc = torch.zeros_like(kc)
     seqlens = torch.zeros(B, dtype=torch.int32, device="cuda")
     hp, lp = oracles(q, k, v, causal=True)
     out = attention_with_kvcache(q[:, :prefill], kc, vc, seqlens, k[:, :prefill], v[:, :prefill])
@@ -577,7 +579,8 @@ def test_gpu_opcheck_and_compile(monkeypatch):
     B, S_max, Hq, Hkv, D = 2, 256, 8, 2, 128
     seqlens = torch.tensor([3, 200], dtype=torch.int32, device="cuda")
     q, k, v = (rand(B, 1, h, D, dtype=torch.float16, device="cuda") for h in (Hq, Hkv, Hkv))
-    kc, vc = rand(B, S_max, Hkv, D, dtype=torch.float16, device="cuda"), rand(B, S_max, Hkv, D, dtype=torch.float16, device="cuda")
+    kc = rand(B, S_max, Hkv, D, dtype=torch.float16, device="cuda")
+    vc = rand(B, S_max, Hkv, D, dtype=torch.float16, device="cuda")
     torch.library.opcheck(torch.ops.grit.attention_with_kvcache.default, (q, kc, vc, seqlens, k, v, True, -1, 0, 0.1))
     f = torch.compile(lambda *a: attention_with_kvcache(*a), fullgraph=True)
     kc1, vc1 = kc.clone(), vc.clone()

@@ -165,7 +165,9 @@ def _check_values(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
     too_long = values + Sq_new > S_max
     if bool(too_long.any()):
         b = int(too_long.nonzero()[0, 0])
-        what = f"cache_seqlens[{b}] + Sq = {int(values[b])} + {Sq_new}" if Sq_new else f"cache_seqlens[{b}] = {int(values[b])}"
+        what = f"cache_seqlens[{b}] = {int(values[b])}"
+        if Sq_new:
+            what = f"cache_seqlens[{b}] + Sq = {int(values[b])} + {Sq_new}"
         raise ValueError(f"cache_seqlens: {what} exceeds the cache capacity S_max = {S_max} (k_cache too small)")
     _last_checked = (weakref.ref(cache_seqlens), cache_seqlens._version, (S_max, Sq_new))
 
