@@ -61,7 +61,8 @@ def grouped_mm_experts(x, w13_t, w2_t, weights, experts):
     E = w13_t.shape[0]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # (bincount would sync with the host)
     tok = order // K
     gu = torch._grouped_mm(x[tok], w13_t, offs=offs)
     g, u = gu.chunk(2, dim=-1)
