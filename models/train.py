@@ -139,12 +139,14 @@ def train(argv=None) -> dict:
 
     torch.manual_seed(a.seed)
     source = Path(a.model)
-    model = T.load_model(resume if resume else source, device)
-    train_model = T.GritTrainModel(model, pooling_method=a.pooling_method,
-                                   gradient_checkpointing=a.gradient_checkpointing,
-                                   loss_gen_type=a.loss_gen_type, loss_gen_factor=a.loss_gen_factor,
-                                   router_aux_loss_coef=a.router_aux_loss_coef)
-    module = T.wrap(train_model, strategy, device)
+    model_kwargs = dict(pooling_method=a.pooling_method, gradient_checkpointing=a.gradient_checkpointing,
+                        loss_gen_type=a.loss_gen_type, loss_gen_factor=a.loss_gen_factor,
+                        router_aux_loss_coef=a.router_aux_loss_coef)
+    if strategy == "fsdp":
+        module = T.load_sharded(resume if resume else source, device, **model_kwargs)
+    else:
+        train_model = T.GritTrainModel(T.load_model(resume if resume else source, device), **model_kwargs)
+        module = T.wrap(train_model, strategy, device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps,
                                   weight_decay=a.weight_decay)
     warmup = a.warmup_steps if a.warmup_steps is not None else int(round(a.warmup_ratio * a.max_steps))

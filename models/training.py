@@ -837,6 +837,27 @@ def load_model(path, device, *, dtype=torch.float32) -> nn.Module:
     return model.train().requires_grad_(True)
 
 
+def load_sharded(path, device, **train_kwargs) -> GritTrainModel:
+    """FSDP2 without a full copy per rank: every rank builds the model on the meta device and
+    shards it (``wrap(..., "fsdp")``); rank 0 reads the checkpoint on the CPU and its
+    tensors are broadcast one by one into the shards. Returns the sharded GritTrainModel."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from .mistral import Transformer
+
+    cfg = MistralConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    tm = GritTrainModel(model, **train_kwargs)
+    wrap(tm, "fsdp", device)
+    tm.to_empty(device=device)
+    full = {}
+    if _dist()[0] == 0:
+        full = {f"model.{k}": v for k, v in load_model(path, "cpu").state_dict().items()}
+    set_model_state_dict(tm, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return tm.train()
+
+
 def wrap(module: GritTrainModel, strategy: str, device: torch.device) -> nn.Module:
     """"none", "ddp" or "fsdp" (FSDP2: ``fully_shard`` per decoder layer, then the root)."""
     if strategy == "none":

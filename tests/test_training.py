@@ -408,20 +408,26 @@ def test_two_process_step_equals_one_process(ckpt, tmp_path):
 
 
 def test_entry_point_under_torchrun_fsdp(ckpt, tmp_path):
-    """``torchrun --nproc-per-node 2 -m grit_models.train --strategy fsdp`` logs the losses of
-    the single-process run on the same global batches and writes a loadable checkpoint."""
+    """``torchrun --nproc-per-node 2 -m grit_models.train --strategy fsdp`` (model broadcast
+    from rank 0 into the shards) logs the losses of the single-process run on the same global
+    batches, writes a loadable checkpoint, and resumes from step 1 bit for bit."""
     import subprocess
 
     args = ["--model", str(ckpt), "--max-steps", "2", "--batch-size", "4", "--gen-batch-size", "4",
             "--emb-chunk-size", "2", "--gen-chunk-size", "1", "--lr", "1e-3", "--warmup-steps", "0",
-            "--gradient-checkpointing", "--no-progress", *sum(([f"--{k.replace('_', '-')}", str(v)]
-                                                              for k, v in SMALL.items()), [])]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), "-m", "grit_models.train", *args, "--strategy", "fsdp",
-                          "--output-dir", str(tmp_path / "dist")], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    dist = [json.loads(line) for line in (tmp_path / "dist" / "log.jsonl").read_text().splitlines()]
+            "--save-steps", "1", "--gradient-checkpointing", "--no-progress",
+            *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in SMALL.items()), [])]
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "grit_models.train", *args, "--strategy", "fsdp", "--output-dir", str(out),
+               *extra]
+        run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+    dist = torchrun(tmp_path / "dist")
     from grit_models.train import train
 
     single = train([*args, "--output-dir", str(tmp_path / "single")])["history"]
@@ -434,6 +440,10 @@ def test_entry_point_under_torchrun_fsdp(ckpt, tmp_path):
         # Adam normalises each entry: near-zero gradients that differ in rounding move by up to
         # ~lr / 10, hence atol at lr scale (step 2's losses above already pin the gradients).
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=n)
+
+    resumed = torchrun(tmp_path / "resumed", "--resume", str(tmp_path / "dist" / "checkpoint-1"))
+    assert [r["step"] for r in resumed] == [2]
+    assert (resumed[0]["loss_emb"], resumed[0]["loss_gen"]) == (dist[1]["loss_emb"], dist[1]["loss_gen"])
 
 
 # ----------------------------------------------------------------------------- end to end
