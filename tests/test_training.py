@@ -544,6 +544,31 @@ def test_saved_model_reads_back_in_transformers(ckpt, moe_ckpt, tmp_path, arch):
     assert (tmp_path / "saved" / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("mode", ["embedding", "generative"])
+def test_single_objective_modes(ckpt, tmp_path, mode):
+    hist = _train(ckpt, tmp_path / "out", "--mode", mode, "--max-steps", "2", "--lr", "1e-3")
+    want = {"embedding": "loss_emb", "generative": "loss_gen"}[mode]
+    other = {"embedding": "loss_gen", "generative": "loss_emb"}[mode]
+    assert all(want in h and other not in h and h["loss"] == h[want] for h in hist)
+    with pytest.raises(SystemExit, match="--generative-data: required in mode 'unified'"):
+        _train(ckpt, tmp_path / "x", "--embedding-data", str(EMB_FILE))
+
+
+@pytest.mark.gpu
+def test_bf16_step_on_gpu_matches_fp32(ckpt):
+    """On a GPU (Triton/CUDA kernels): the bf16-autocast step stays near the fp32 step."""
+    batch = _data(ckpt).local_batch(0, device="cuda")
+    out = {}
+    for dt in (None, torch.bfloat16):
+        m = T.GritTrainModel(T.load_model(ckpt, "cuda"), gradient_checkpointing=True)
+        out[dt] = T.GritStep(m, T.StepConfig(autocast_dtype=dt, emb_chunk_size=2))(batch), _grads(m)
+    (lo, glo), (hi, ghi) = out[torch.bfloat16], out[None]
+    assert lo["loss_gen"] == pytest.approx(hi["loss_gen"], rel=2e-2)
+    assert lo["loss_emb"] == pytest.approx(hi["loss_emb"], rel=5e-2)
+    for n in ("model.embed", "model.lm_head", "model.layers.0.attn.wqkv"):
+        assert_grad_close(glo[n], ghi[n], f"bf16 grad of {n}", tol=0.1)
+
+
 def test_sample_data_is_valid():
     emb, gen = T.load_embedding_data(EMB_FILE), T.load_generative_data(GEN_FILE)
     assert len(emb) >= 24 and len(gen) >= 24
