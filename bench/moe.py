@@ -130,8 +130,9 @@ def gpu_cases(device, quick: bool):
         hf_fwd = (lambda x=x, w=weights, e=experts: hf(x, e.long(), w))
         for backend in ("cuda", "triton"):
             fwd = with_backend(backend, lambda x=x, w=weights, e=experts: moe_experts(x, w1, w2, w3, w, e))
+            # T = 1: `bytes` is the two experts' weights, so GB/s and the floor compare directly.
             out.append(Case("moe_experts fwd", shape, backend, fwd, baseline=hf_fwd, baseline_name="HF expert loop",
-                            flops=flops, extra=dict(extra)))
+                            flops=flops, bytes=2 * 3 * D * F * 2 if T == 1 else None, extra=dict(extra)))
         if has_gmm:
             out.append(Case("moe_experts fwd", shape, "cuda",
                             with_backend("cuda", lambda x=x, w=weights, e=experts: moe_experts(x, w1, w2, w3, w, e)),

@@ -370,6 +370,8 @@ def _good(T=3, D=16, F=32, E=4, K=2):
         (dict(experts=torch.zeros(3, 2)), TypeError, "experts"),
         (dict(experts=torch.zeros(3, 5, dtype=torch.int32), weights=torch.rand(3, 5)), ValueError, "experts"),
         (dict(experts=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "experts"),
+        (dict(w2=torch.empty(4, 16, 32, device="meta")), ValueError, "w2"),  # another device
+        (dict(weights=torch.empty(3, 2, device="meta")), ValueError, "weights"),
     ],
 )
 def test_experts_bad_input(change, err, name):

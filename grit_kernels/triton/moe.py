@@ -41,6 +41,7 @@ import triton.language as tl
 class Config:
     block_m: int          # rows per tile of the sorted layout (also the sort's padding)
     block_n: int          # output columns per program of the row GEMMs
+    block_n_down: int     # the same for the down projection (one accumulator: room for wider tiles)
     block_k: int          # reduction step of the row GEMMs
     block_dw: int         # output tile side of the dW GEMMs
     block_r: int          # rows per step of the dW GEMMs
@@ -55,7 +56,7 @@ def plan(TK: int, E: int, D: int, F: int, dtype: torch.dtype, on_gpu: bool) -> C
     ieee = dtype == torch.float32
     if not on_gpu:  # interpreter: few large programs run fastest; tl.dot needs dims >= 16
         bn = max(16, min(64, triton.next_power_of_2(max(D, F))))
-        return Config(block_m=16, block_n=bn, block_k=bn, block_dw=bn, block_r=16, group_m=4, num_warps=4,
+        return Config(block_m=16, block_n=bn, block_n_down=bn, block_k=bn, block_dw=bn, block_r=16, group_m=4, num_warps=4,
                       num_stages=1, ieee=ieee)
     per_expert = TK / max(E, 1)
     # Decode and small batches: few rows per expert; a tall tile would be mostly padding and the
@@ -75,7 +76,11 @@ def plan(TK: int, E: int, D: int, F: int, dtype: torch.dtype, on_gpu: bool) -> C
     # stages stay under the A100's 163 KB. fp32 halves BK/BN to stay there too.
     # Decode (BM = 16) is bound by reading the chosen experts' weights: narrower column tiles
     # put more programs in flight (the down projection of one token has D / BN of them).
-    return Config(block_m=bm, block_n=(32 if bm == 16 else 64) if small else (wide if bm == 128 else 128),
+    block_n = (32 if bm == 16 else 64) if small else (wide if bm == 128 else 128)
+    # gate_up holds two accumulators (BN = 64 is a 128-wide tile's registers); the down
+    # projection holds one, so it takes the usual 128 x 128 x 64 tile (96 KB over 3 stages).
+    block_n_down = 128 if bm == 128 and not ieee else block_n
+    return Config(block_m=bm, block_n=block_n, block_n_down=block_n_down,
                   block_k=(64 if ieee else 128) if small else wide,
                   block_dw=64 if ieee else 128, block_r=32 if ieee else 64, group_m=8,
                   num_warps=4 if small else 8, num_stages=3, ieee=ieee)
@@ -342,10 +347,10 @@ def down(h, w2, weights_flat, sorted_ids, tile_expert, TK: int, cfg: Config):
     D, F = w2.shape[1], w2.shape[2]
     n_tiles = tile_expert.numel()
     y = torch.empty((TK, D), dtype=torch.float32, device=h.device)
-    grid = (n_tiles * triton.cdiv(D, cfg.block_n),)
+    grid = (n_tiles * triton.cdiv(D, cfg.block_n_down),)
     _down_kernel[grid](
         h, w2, sorted_ids, tile_expert, weights_flat, y, TK, D, F, n_tiles,
-        IEEE=cfg.ieee, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m, **_launch_opts(cfg),
+        IEEE=cfg.ieee, BM=cfg.block_m, BN=cfg.block_n_down, BK=cfg.block_k, GROUP_M=cfg.group_m, **_launch_opts(cfg),
     )
     return y
 
