@@ -476,3 +476,23 @@ def test_gpu_sort_and_combine(T, K, E, block_m):
         y = torch.randn(T * K, 96, device="cuda")
         torch.testing.assert_close(ops._cuda_combine(y, None, experts, E, K, torch.bfloat16).float(),
                                    ref.combine(y, K, None, experts, E, torch.bfloat16).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=needs_C)], indirect=True)
+def test_gpu_no_host_sync(backend):
+    """Routing, experts and their backward never wait for the device (the contract)."""
+    T, D, F, E, K = 300, 128, 256, 8, 2
+    x, w1, w2, w3 = [t.cuda().bfloat16().requires_grad_() for t in random_experts(T, D, F, E, scale=0.1)]
+    logits = torch.randn(T, E, device="cuda", requires_grad=True)
+    moe_experts(x, w1, w2, w3, *moe_route(logits.bfloat16(), top_k=K)).float().sum().backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        weights, experts = moe_route(logits.bfloat16(), top_k=K)
+        out = moe_experts(x, w1, w2, w3, weights, experts)
+        out.float().sum().backward()
+        moe_aux_loss((logits,), top_k=K)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(logits.grad).all()
