@@ -42,7 +42,7 @@ import shutil
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +134,8 @@ def load_embedding_data(path) -> list[EmbeddingExample]:
         for key in ("pos", "neg"):
             v = obj[key]
             if not isinstance(v, list):
-                raise DataError(f"{where}: field {key!r}: expected a list of [instruction, text], got {type(v).__name__}")
+                raise DataError(f"{where}: field {key!r}: expected a list of [instruction, text], "
+                                f"got {type(v).__name__}")
             docs[key] = [_pair(x, f"{where}: field {key!r}[{i}]") for i, x in enumerate(v)]
         if not docs["pos"]:
             raise DataError(f"{where}: field 'pos' is empty (each query needs a positive)")
@@ -148,7 +149,8 @@ def load_generative_data(path) -> list[list[str]]:
     for lineno, obj in _read_jsonl(path, "generative data"):
         where = f"{path}:{lineno}"
         if "text" not in obj:
-            raise DataError(f"{where}: missing field 'text' (a generative line is {{\"text\": [user, assistant, ...]}})")
+            raise DataError(f"{where}: missing field 'text' "
+                            "(a generative line is {\"text\": [user, assistant, ...]})")
         t = obj["text"]
         if not isinstance(t, list) or not t or not all(isinstance(x, str) for x in t):
             raise DataError(f"{where}: field 'text': expected a non-empty list of strings, got {json.dumps(t)[:80]}")
@@ -533,15 +535,14 @@ class GritStep:
     def __init__(self, module: nn.Module, cfg: StepConfig):
         self.module, self.cfg = module, cfg
         self._syncable = hasattr(module, "no_sync") or hasattr(module, "set_requires_gradient_sync")
+        for name in ("emb_chunk_size", "gen_chunk_size"):
+            v = getattr(cfg, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected a positive integer or None, got {v!r}")
         self._gc = None
         if cfg.emb_chunk_size is not None:
-            if isinstance(cfg.emb_chunk_size, bool) or not isinstance(cfg.emb_chunk_size, int) or cfg.emb_chunk_size < 1:
-                raise ValueError(f"emb_chunk_size: expected a positive integer or None, got {cfg.emb_chunk_size!r}")
             self._gc = grit_kernels.GradCache(self._encode, cfg.emb_chunk_size, self._emb_loss,
                                               no_sync_modules=[module] if self._syncable else [])
-        if cfg.gen_chunk_size is not None and (isinstance(cfg.gen_chunk_size, bool) or not isinstance(cfg.gen_chunk_size, int)
-                                               or cfg.gen_chunk_size < 1):
-            raise ValueError(f"gen_chunk_size: expected a positive integer or None, got {cfg.gen_chunk_size!r}")
 
     def _autocast(self, device: torch.device):
         if self.cfg.autocast_dtype is None:

@@ -112,7 +112,8 @@ GOOD_EMB = json.dumps({"query": ["Find it", "what is a cat ?"], "pos": [["", "a 
     ([GOOD_EMB, GOOD_EMB, '{"query": ["a", "b"], "pos": [["", "c"]'], r"emb\.jsonl:3: not valid JSON"),
     ([GOOD_EMB, '{"query": ["a", "b"], "neg": []}'], r"emb\.jsonl:2: missing field 'pos'"),
     (['{"pos": [["", "c"]], "neg": []}'], r":1: missing field 'query'"),
-    ([GOOD_EMB, '{"query": ["a", "b", "c"], "pos": [["", "c"]], "neg": []}'], r":2: field 'query': expected \[instruction, text\]"),
+    ([GOOD_EMB, '{"query": ["a", "b", "c"], "pos": [["", "c"]], "neg": []}'],
+     r":2: field 'query': expected \[instruction, text\]"),
     (['{"query": ["a", "b"], "pos": [], "neg": []}'], r":1: field 'pos' is empty"),
     (['{"query": ["a", "b"], "pos": "x", "neg": []}'], r":1: field 'pos': expected a list"),
     (['{"query": ["a", ""], "pos": [["", "c"]], "neg": []}'], r":1: field 'query': the text is empty"),
@@ -141,7 +142,8 @@ def test_generative_data_errors(tmp_path, lines, match):
 def test_dataset_level_errors(ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         T.load_embedding_data(tmp_path / "missing.jsonl")
-    no_neg = T.load_embedding_data(_write(tmp_path / "e.jsonl", ['{"query": ["", "cat"], "pos": [["", "dog"]], "neg": []}']))
+    no_neg = T.load_embedding_data(
+        _write(tmp_path / "e.jsonl", ['{"query": ["", "cat"], "pos": [["", "dog"]], "neg": []}']))
     with pytest.raises(T.DataError, match="no 'neg' but train_group_size=2"):
         _data(ckpt, emb=no_neg)
     with pytest.raises(T.DataError, match="embedding data: the dataset is empty"):
@@ -155,6 +157,22 @@ def test_dataset_level_errors(ckpt, tmp_path):
         _data(ckpt, batch_size=0)
     with pytest.raises(ValueError, match="batch_size: the global batch 4 must be divisible by the world size 3"):
         _data(ckpt).local_batch(0, 0, 3)
+
+
+def test_bad_arguments(ckpt):
+    tm = T.GritTrainModel(T.load_model(ckpt, "cpu"))
+    with pytest.raises(ValueError, match="emb_chunk_size: expected a positive integer or None, got 0"):
+        T.GritStep(tm, T.StepConfig(emb_chunk_size=0))
+    with pytest.raises(ValueError, match="gen_chunk_size: expected a positive integer or None, got True"):
+        T.GritStep(tm, T.StepConfig(gen_chunk_size=True))
+    with pytest.raises(ValueError, match="loss_gen_type: expected one of"):
+        T.GritTrainModel(T.load_model(ckpt, "cpu"), loss_gen_type="sum")
+    with pytest.raises(ValueError, match="pooling_method: expected 'mean' or 'weightedmean'"):
+        T.GritTrainModel(T.load_model(ckpt, "cpu"), pooling_method="cls")
+    with pytest.raises(ValueError, match="strategy: expected 'none', 'ddp' or 'fsdp'"):
+        T.wrap(tm, "zero3", torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="training_state.pt does not exist"):
+        T.load_training_state(ckpt, tm, None, None)
 
 
 def test_cli_reports_bad_lines(ckpt, tmp_path, capsys):
@@ -189,7 +207,8 @@ def test_formats_follow_gritlm(ckpt):
     assert labels == [-100] * n_user + g_ids[n_user:]
     # Two turns: exactly the assistant turns and their </s> are targets.
     g_ids, labels = enc.generative(["what is two ?", "two .", "and three ?", "three ."], 100)
-    assert g_ids == ids("<s><|user|>\nwhat is two ?\n<|assistant|>\ntwo .</s>\n<|user|>\nand three ?\n<|assistant|>\nthree .</s>")
+    assert g_ids == ids("<s><|user|>\nwhat is two ?\n<|assistant|>\ntwo .</s>"
+                        "\n<|user|>\nand three ?\n<|assistant|>\nthree .</s>")
     assert [t for t in labels if t != -100] == ids("two .</s>") + ids("three .</s>")
     assert labels[-1] != -100 and labels[-len(ids("three .</s>")) - 1] == -100
     # Truncation keeps the first tokens.
@@ -404,7 +423,8 @@ def test_two_process_step_equals_one_process(ckpt, tmp_path):
             assert_grad_close(res["grads"][n], p.grad, f"grad of {n} ({strategy})")
         saved = load_checkpoint(tmp_path / strategy)
         for n, p in saved.named_parameters():
-            assert_grad_close((p - init[n]) / -0.5, dict(tm.model.named_parameters())[n].grad, f"saved {n} ({strategy})")
+            want_g = dict(tm.model.named_parameters())[n].grad
+            assert_grad_close((p - init[n]) / -0.5, want_g, f"saved {n} ({strategy})")
 
 
 def test_entry_point_under_torchrun_fsdp(ckpt, tmp_path):
