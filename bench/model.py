@@ -1,0 +1,219 @@
+"""End-to-end GRIT model benchmarks: grit_models vs gritlm + transformers, same run, same files.
+
+* encode: ``GritModel.encode`` vs ``gritlm.GritLM.encode`` on a mixed-length corpus (texts/s =
+  extra["texts"] / median). FLOPs count the GEMMs (2 * params * tokens) and attention
+  (4 * L^2 * Hq * K per layer, bidirectional) over real tokens only.
+* rag: gritlm's RAG latency protocol (its scripts/raglatency.sh + rag/eval.py): batch 1,
+  16 new tokens (min = max), the document or the query long (L tokens), the other 1 token.
+  Each timed call embeds the query (retrieval needs it; with its cache in the query modes),
+  assembles the caches and generates; document caches are built beforehand (offline in
+  production, removed from gritlm's timings too). Baselines: gritlm's flow on transformers in
+  the same mode, and (op "rag vs no cache") grit_models without caching.
+* generate: tokens/s of ``generate`` vs transformers' ``generate``, greedy, batch of prompts
+  of different lengths (left padded), every row forced to the full length.
+
+The checkpoint is random (no hub access): its size is picked per device so that the CPU run
+finishes in a minute or two in --quick mode. On CPU both sides run with
+``GRIT_BENCH_THREADS`` torch threads (default 1): on a shared machine, OpenMP threads that
+spin while other processes hold the cores made two-thread timings swing by 10x.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .common import Case, Skipped
+
+EMBED = "<|embed|>\n"
+N_NEW = 16
+
+
+def _with_threads(fn, n: int | None):
+    """fn run with n torch threads (restored afterwards); n None = unchanged."""
+    if n is None:
+        return fn
+
+    def call():
+        old = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(old)
+    return call
+
+
+def _model_size(device: torch.device, quick: bool) -> dict:
+    if device.type == "cuda":
+        return dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4 if quick else 8,
+                    num_attention_heads=16, num_key_value_heads=8, dtype="bfloat16")
+    if quick:
+        return dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, dtype="float32")
+    return dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, dtype="float32")
+
+
+_CKPT: dict = {}
+
+
+def _checkpoint(device, quick) -> tuple[Path, dict]:
+    from grit_models.testing import make_checkpoint
+
+    size = _model_size(device, quick)
+    key = tuple(sorted(size.items()))
+    if key not in _CKPT:
+        size = dict(size)
+        dtype = size.pop("dtype")
+        path = Path(tempfile.mkdtemp(prefix="grit_bench_")) / "ckpt"
+        make_checkpoint(path, "mistral", dtype=dtype, init_std=0.02, max_position_embeddings=8192,
+                        sliding_window=None, **size)
+        _CKPT[key] = path
+    return _CKPT[key], _model_size(device, quick)
+
+
+def _encode_flops(size: dict, lengths) -> float:
+    D, Fh, n = size["hidden_size"], size["intermediate_size"], size["num_hidden_layers"]
+    Hq, Hk = size["num_attention_heads"], size["num_key_value_heads"]
+    K = D // Hq
+    per_token = 2 * n * (D * (Hq + 2 * Hk) * K + Hq * K * D + 3 * D * Fh)
+    return float(per_token * sum(lengths) + n * sum(4 * L * L * Hq * K for L in lengths))
+
+
+def _words(n: int, seed: int) -> str:
+    from grit_models.testing import random_texts
+
+    return random_texts(1, n, n, seed=seed)[0]
+
+
+def _hf_cache(layers):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
+
+
+def _gritlm_rag(ref, query, doc, mode, doc_kv):
+    """gritlm's rag/eval.py loop body for one query (latency mode), on transformers."""
+    from grit_models import rag as R
+
+    kv = None
+    if mode is not None and "query" in mode:
+        _, qc = ref.encode_queries([query], get_cache=True, convert_to_tensor=True, instruction=EMBED)
+        kv = [(layer.keys, layer.values) for layer in qc.layers]
+    else:
+        ref.encode_queries([query], convert_to_tensor=True, instruction=EMBED)
+    if mode == "doc":
+        kv = doc_kv
+    elif mode == "docquery":
+        kv = [(torch.cat((d[0], q[0]), 2), torch.cat((d[1], q[1]), 2)) for d, q in zip(doc_kv, kv)]
+    elif mode == "querydoc":
+        kv = [(torch.cat((q[0], d[0]), 2), torch.cat((q[1], d[1]), 2)) for d, q in zip(doc_kv, kv)]
+    text = {None: R.FORMAT_DOC_FIRST.format(query=query, doc=doc), "doc": R.CACHED_DOC.format(query=query),
+            "query": R.CACHED_QUERY.format(doc=doc), "docquery": R.CACHED_DOC_QUERY,
+            "querydoc": R.CACHED_QUERY_DOC}[mode] + R.ANSWER_PREFIX
+    inputs = ref.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(ref.device)
+    kwargs = {}
+    if kv is not None:
+        inputs["attention_mask"] = torch.cat((torch.ones(1, kv[0][0].shape[2], dtype=torch.long, device=ref.device),
+                                              inputs["attention_mask"]), 1)
+        kwargs["past_key_values"] = _hf_cache(kv)  # fresh: generate appends to it
+    return ref.generate(**inputs, min_new_tokens=N_NEW, max_new_tokens=N_NEW, do_sample=False,
+                        pad_token_id=ref.tokenizer.pad_token_id, **kwargs)
+
+
+def _ours_rag(ours, query, doc, mode, doc_caches):
+    if mode is None or "query" not in mode:
+        ours.encode_queries([query], convert_to_tensor=True, instruction=EMBED)  # retrieval embedding
+    return ours.rag(query, doc, cache=mode, doc_caches=doc_caches, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
+                    return_ids=True)
+
+
+def cases(device: torch.device, quick: bool):
+    try:
+        import warnings
+
+        import gritlm
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return [Skipped("model", "*", f"needs gritlm and transformers ({e})")]
+    import grit_models as gm
+    from grit_models.testing import random_texts
+
+    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+    path, size = _checkpoint(device, quick)
+    dtype = getattr(torch, size["dtype"])
+    ours = gm.GritModel(str(path), device=str(device))
+    ref = gritlm.GritLM(str(path), device=str(device), dtype=dtype)
+    ref.model.generation_config.max_length = None
+    threads = int(os.environ.get("GRIT_BENCH_THREADS", "1")) if device.type == "cpu" else None
+    backend = f"grit_models ({size['dtype']}" + (f", {threads} thread{'s' if threads > 1 else ''})" if threads else ")")
+    dims = f"D={size['hidden_size']} layers={size['num_hidden_layers']}"
+    out = []
+
+    # 1. encoding throughput on a mixed-length corpus
+    n_texts, max_words = (64, 200) if quick else (256, 500)
+    if device.type == "cuda":
+        n_texts, max_words = (512, 500) if quick else (2048, 500)
+    corpus = random_texts(n_texts, 4, max_words, seed=1)
+    lengths = [len(x) for x in ours.tokenizer.encode_batch(corpus, max_length=512)]
+    bs = 32 if device.type == "cpu" else 128
+    out.append(Case(
+        "model encode", f"N={n_texts} L={min(lengths)}..{max(lengths)} bs={bs} {dims}", backend,
+        fn=lambda: ours.encode(corpus, batch_size=bs, max_length=512, convert_to_tensor=True),
+        baseline=lambda: ref.encode(corpus, batch_size=bs, max_length=512, convert_to_tensor=True),
+        baseline_name="gritlm.GritLM.encode", flops=_encode_flops(size, lengths),
+        extra=dict(texts=n_texts, tokens=sum(lengths)),
+    ))
+
+    # 2. RAG latency protocol
+    long_lengths = (1000,) if quick else (250, 500, 1000, 2000, 4000)
+    modes = (None, "doc", "query", "docquery", "querydoc")
+    for L in long_lengths:
+        for long_side in ("doc", "query"):
+            doc = _words(L if long_side == "doc" else 1, seed=L)
+            query = _words(L if long_side == "query" else 1, seed=L + 1)
+            shape = f"{long_side}={L} other=1 new={N_NEW} {dims}"
+            for mode in modes:
+                doc_caches, doc_kv = None, None
+                if mode is not None and "doc" in mode:
+                    doc_caches = gm.cache_documents(ours, [doc], cache=mode)
+                    instruction = "\n" + EMBED if mode == "querydoc" else EMBED
+                    dc = ref.encode_corpus([doc], get_cache=True, convert_to_tensor=True, instruction=instruction,
+                                           add_special_tokens=mode != "querydoc")[1]
+                    doc_kv = [(layer.keys, layer.values) for layer in dc.layers]
+                label = mode or "none"
+                fn = (lambda m=mode, q=query, d=doc, c=doc_caches: _ours_rag(ours, q, d, m, c))
+                out.append(Case(
+                    f"model rag {label}", shape, backend, fn=fn,
+                    baseline=(lambda m=mode, q=query, d=doc, kv=doc_kv: _gritlm_rag(ref, q, d, m, kv)),
+                    baseline_name=f"gritlm rag {label}", extra=dict(mode=label, long_side=long_side, L=L),
+                ))
+                # Quick mode keeps one speed-up row per side: the mode that caches the long side.
+                if mode is not None and (not quick or mode == long_side):
+                    out.append(Case(
+                        f"model rag {label} vs no cache", shape, backend, fn=fn,
+                        baseline=(lambda q=query, d=doc: _ours_rag(ours, q, d, None, None)),
+                        baseline_name="grit_models rag none", extra=dict(mode=label, long_side=long_side, L=L),
+                    ))
+
+    # 3. generation tokens/s
+    B, n_new = (4, 16) if quick else (8, 64)
+    prompts = random_texts(B, 16, 96, seed=2)
+    ref.tokenizer.padding_side = "left"
+    inputs = ref.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    ref.tokenizer.padding_side = "right"
+    gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=ref.tokenizer.pad_token_id)
+    out.append(Case(
+        "model generate", f"B={B} prompt={inputs['input_ids'].shape[1]} new={n_new} {dims}", backend,
+        fn=lambda: ours.generate(**inputs, **gen),
+        baseline=lambda: ref.model.generate(**inputs, **gen),
+        baseline_name="transformers generate", extra=dict(new_tokens=B * n_new),
+    ))
+    for case in out:
+        case.fn = _with_threads(case.fn, threads)
+        case.baseline = _with_threads(case.baseline, threads)
+    return out
