@@ -70,6 +70,14 @@ def test_embedding_options_match_gritlm(ref, ours, kwargs):
     assert np.all(got[~ok] == 0)
 
 
+def test_mixtral_embeddings_match_gritlm(tmp_path):
+    path = make_checkpoint(tmp_path / "mix", "mixtral", seed=6)
+    r = gritlm.GritLM(str(path), device="cpu", dtype=torch.float32, pooling_method="weightedmean")
+    g = gm.GritModel(str(path), device="cpu", pooling_method="weightedmean")
+    np.testing.assert_allclose(g.encode(TEXTS, instruction=INSTRUCTION), r.encode(TEXTS, instruction=INSTRUCTION),
+                               atol=2e-6, rtol=1e-5)
+
+
 def test_causal_embeddings_and_flags(ckpt, ref):
     ref.pooling_method = "mean"
     for attn in ("cccc", "cc"):

@@ -226,9 +226,21 @@ def test_sharded_checkpoint_loads(ckpts):
 
 
 def test_dtype_auto_and_explicit(ckpts, tmp_path):
-    path = make_checkpoint(tmp_path / "bf16", "mistral", dtype="bfloat16")
+    path = make_checkpoint(tmp_path / "bf16", "mistral", dtype="bfloat16", sliding_window=6)
     assert gm.MistralConfig.from_pretrained(path).torch_dtype == torch.bfloat16
-    assert gm.load_checkpoint(path).dtype == torch.bfloat16
+    model = gm.load_checkpoint(path)
+    assert model.dtype == torch.bfloat16
+    # bf16 logits: at most twice as far from the fp32 oracle as transformers' own bf16 run
+    from helpers import assert_close_to_oracle
+
+    rows, cu = packed([17, 4], model.config.vocab_size, seed=8)
+    hf32 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        got = model.logits(our_forward(model, rows, cu, True))
+        for b, r in enumerate(rows):
+            assert_close_to_oracle(got[cu[b]:cu[b + 1]], hf32(r[None]).logits[0], hf16(r[None]).logits[0],
+                                   atol=1e-2, name=f"bf16 logits row {b}")
     assert gm.load_checkpoint(path, torch_dtype="float32").dtype == torch.float32
     assert gm.load_checkpoint(ckpts["mistral"], torch_dtype=torch.float16).dtype == torch.float16
     with pytest.raises(ValueError, match="torch_dtype"):
