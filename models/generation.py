@@ -107,11 +107,12 @@ def _rows_from_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError(f"attention_mask: expected shape (B, S) = {tuple(input_ids.shape)} (or with the "
                          f"prefix length added to S), got {tuple(attention_mask.shape)}")
     mask = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:].bool()
-    rows = [ids[m] for ids, m in zip(input_ids, mask)]
-    for b, (m, r) in enumerate(zip(mask, rows)):
-        n = r.numel()
-        if n and not m[m.nonzero()[0, 0]: m.nonzero()[0, 0] + n].all():
+    rows = []
+    for b, (ids, m) in enumerate(zip(input_ids, mask)):
+        n, first = int(m.sum()), int(m.int().argmax())
+        if not bool(m[first:first + n].all()):
             raise ValueError(f"attention_mask: row {b} has holes; expected left or right padding only")
+        rows.append(ids[first:first + n])
     return rows
 
 
@@ -162,6 +163,8 @@ def generate(
     if not model.has_lm_head:
         raise RuntimeError("generate: the model was loaded without its lm_head (mode='embedding')")
     device = model.device
+    if input_ids is None:
+        raise ValueError("input_ids: required (B, S) prompt token ids")
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
     if input_ids.dim() == 1:

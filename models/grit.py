@@ -140,6 +140,8 @@ class GritModel(torch.nn.Module):
             raise TypeError(f"instruction: expected a string, got {type(instruction).__name__}")
 
         tok = self.tokenizer
+        if max_length is None:  # gritlm truncates with the tokenizer's model_max_length then
+            max_length = tok.model_max_length
         ids = tok.encode_batch([instruction + s + self.embed_eos for s in sentences],
                                add_special_tokens=add_special_tokens, max_length=max_length)
         if any(len(x) == 0 for x in ids):

@@ -33,6 +33,10 @@ class Tokenizer:
         self.bos_token, self.eos_token = token("bos_token", "<s>"), token("eos_token", "</s>")
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        # transformers truncates to model_max_length when truncation is on and max_length None;
+        # its "unset" value is a huge sentinel (int(1e30)).
+        mml = cfg.get("model_max_length")
+        self.model_max_length = int(mml) if isinstance(mml, (int, float)) and mml < 1e12 else None
         pad = token("pad_token")
         # gritlm sets pad = eos when the tokenizer has none.
         self.pad_token_id = self._tok.token_to_id(pad) if pad else self.eos_token_id
