@@ -192,16 +192,30 @@ class TextEncoder:
     def ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def prefix(self, instruction: str) -> str:
+        """gritlm's embedding prompt before the text (BOS included)."""
+        instr = instruction.strip("\t\n :")
+        return self.bos + USER_BOS + instr + USER_EOS + EMBED_BOS if instr else self.bos + EMBED_BOS.lstrip()
+
+    def prefix_len(self, instruction: str) -> int:
+        """Tokens of ``prefix(instruction)``: the leading tokens left out of the mean. Cached:
+        datasets repeat a handful of instructions."""
+        cache = self.__dict__.setdefault("_prefix_cache", {})
+        n = cache.get(instruction)
+        if n is None:
+            n = cache[instruction] = len(self.ids([self.prefix(instruction)])[0])
+        return n
+
     def embedding(self, pairs: Sequence[tuple[str, str]], max_len: int):
-        """[(instruction, text)] -> ids (truncated), and skip = tokens of the instruction prefix."""
-        prefixes = []
-        for instr, _ in pairs:
-            instr = instr.strip("\t\n :")
-            prefixes.append(self.bos + USER_BOS + instr + USER_EOS + EMBED_BOS if instr
-                            else self.bos + EMBED_BOS.lstrip())
-        full = self.ids([p + text for p, (_, text) in zip(prefixes, pairs)])
-        skip = [len(x) for x in self.ids(prefixes)]
-        return [x[:max_len] for x in full], skip
+        """[(instruction, text)] -> ids (truncated to ``max_len``) and skip (instruction tokens).
+        Texts are cut at 10 characters per token first, as gritlm does, so that a huge text
+        costs no tokenising time."""
+        full = self.ids([self.prefix(i) + t[:10 * max_len] for i, t in pairs])
+        return [x[:max_len] for x in full], [self.prefix_len(i) for i, _ in pairs]
+
+    def first_prompt_lens(self, users: list[str]) -> list[int]:
+        """Tokens before the first assistant token, per example (gritlm's generative filter)."""
+        return [len(x) for x in self.ids([self.bos + USER_BOS + u + USER_EOS + ASSISTANT_BOS for u in users])]
 
     def generative(self, turns: list[str], max_len: int):
         """ids and labels (IGNORE outside assistant turns), both truncated to ``max_len``."""
@@ -237,9 +251,10 @@ class GritData:
 
     Each dataset is read in epochs, each epoch a seeded permutation; positives and hard
     negatives are drawn per (seed, position in the stream), like gritlm's ``random.choice`` /
-    ``random.sample`` (negatives repeated when an example has fewer than needed).
-    Everything is tokenised up front; examples gritlm's ``filter_too_long_instructions``
-    would drop (nothing left to embed after the instruction) are dropped with a warning.
+    ``random.sample`` (negatives repeated when an example has fewer than needed). Examples
+    are tokenised when their batch is built, each rank its own slice only. At construction,
+    examples gritlm's run.py filters out are dropped with a warning: an instruction that
+    fills query_max_len / passage_max_len, a first user turn that fills generative_max_len.
     """
 
     def __init__(self, encoder: TextEncoder, cfg: DataConfig, embedding: list[EmbeddingExample] | None,
@@ -250,12 +265,13 @@ class GritData:
             v = getattr(cfg, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-        self.emb = self._tokenize_embedding(embedding) if embedding is not None else None
-        self.gen = self._tokenize_generative(generative) if generative is not None else None
+        self.emb = self._filter_embedding(embedding) if embedding is not None else None
+        self.gen = self._filter_generative(generative) if generative is not None else None
+        self._perms: dict = {}
 
-    # ---------------------------------------------------------------- tokenising
+    # ---------------------------------------------------------------- filtering
 
-    def _tokenize_embedding(self, examples):
+    def _filter_embedding(self, examples):
         if not examples:
             raise DataError("embedding data: the dataset is empty")
         G = self.cfg.train_group_size
@@ -264,41 +280,25 @@ class GritData:
             if empty:
                 raise DataError(f"embedding data: example {empty[0]} has no 'neg' but train_group_size={G} "
                                 "needs hard negatives (pass train_group_size=1 to train without)")
-        qs, qskip = self.encoder.embedding([e.query for e in examples], self.cfg.query_max_len)
-        docs = [d for e in examples for d in e.pos + e.neg]
-        ds, dskip = self.encoder.embedding(docs, self.cfg.passage_max_len)
-        out, k, dropped = [], 0, 0
-        for i, e in enumerate(examples):
-            n_pos, n_neg = len(e.pos), len(e.neg)
-            d_ids, d_skip = ds[k:k + n_pos + n_neg], dskip[k:k + n_pos + n_neg]
-            k += n_pos + n_neg
-            ok = qskip[i] < len(qs[i]) and all(s < len(x) for s, x in zip(d_skip, d_ids))
-            if not ok:
-                dropped += 1
-                continue
-            docs_i = list(zip(d_ids, d_skip))
-            out.append(((qs[i], qskip[i]), docs_i[:n_pos], docs_i[n_pos:]))
-        if dropped:
-            warnings.warn(f"embedding data: dropped {dropped} of {len(examples)} examples whose instruction "
-                          f"fills query_max_len/passage_max_len (nothing left to embed)", stacklevel=3)
+        n = self.encoder.prefix_len
+        qmax, pmax = self.cfg.query_max_len, self.cfg.passage_max_len
+        out = [e for e in examples
+               if n(e.query[0]) < qmax and all(n(d[0]) < pmax for d in e.pos + e.neg)]
+        if len(out) < len(examples):
+            warnings.warn(f"embedding data: dropped {len(examples) - len(out)} of {len(examples)} examples whose "
+                          "instruction fills query_max_len/passage_max_len (nothing left to embed)", stacklevel=3)
         if not out:
             raise DataError("embedding data: no example left after dropping those with too long instructions")
         return out
 
-    def _tokenize_generative(self, examples):
+    def _filter_generative(self, examples):
         if not examples:
             raise DataError("generative data: the dataset is empty")
-        out, dropped = [], 0
-        for turns in examples:
-            ids, labels = self.encoder.generative(turns, self.cfg.generative_max_len)
-            targets = labels[1:] + [IGNORE]
-            if all(t == IGNORE for t in targets):
-                dropped += 1
-                continue
-            out.append((ids, targets))
-        if dropped:
-            warnings.warn(f"generative data: dropped {dropped} of {len(examples)} examples with no assistant "
-                          f"token within generative_max_len", stacklevel=3)
+        lens = self.encoder.first_prompt_lens([t[0][:10 * self.cfg.generative_max_len] for t in examples])
+        out = [t for t, n in zip(examples, lens) if n < self.cfg.generative_max_len]
+        if len(out) < len(examples):
+            warnings.warn(f"generative data: dropped {len(examples) - len(out)} of {len(examples)} examples whose "
+                          "first user turn fills generative_max_len", stacklevel=3)
         if not out:
             raise DataError("generative data: no example left with an assistant token within generative_max_len")
         return out
@@ -307,30 +307,33 @@ class GritData:
 
     def _stream(self, n: int, start: int, count: int, salt: int) -> list[int]:
         """Dataset indices at stream positions start..start+count-1 (epochs of permutations)."""
-        out, perms = [], {}
+        out = []
         for k in range(start, start + count):
-            epoch = k // n
-            if epoch not in perms:
-                g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + salt * 7919 + epoch)
-                perms[epoch] = torch.randperm(n, generator=g).tolist()
-            out.append(perms[epoch][k % n])
+            key = (salt, k // n)
+            if key not in self._perms:
+                if len(self._perms) > 4:
+                    self._perms.clear()
+                g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + salt * 7919 + k // n)
+                self._perms[key] = torch.randperm(n, generator=g).tolist()
+            out.append(self._perms[key][k % n])
         return out
 
     def global_batch(self, step: int) -> dict:
-        """Token lists of step ``step``'s whole batch (all ranks)."""
+        """The texts of step ``step``'s whole batch (all ranks): "query" [(instruction, text)],
+        "passage" [(instruction, text)] in per-query groups [pos, neg, ...], "generative" [turns]."""
         out = {}
         if self.emb is not None:
             B, G = self.cfg.batch_size, self.cfg.train_group_size
             start = step * B
             queries, docs = [], []
             for k, idx in zip(range(start, start + B), self._stream(len(self.emb), start, B, salt=1)):
-                q, pos, neg = self.emb[idx]
+                e = self.emb[idx]
                 rng = random.Random(self.cfg.seed * 1_000_003 + k)
-                group = [rng.choice(pos)]
+                group = [rng.choice(e.pos)]
                 if G > 1:
-                    pool = neg * math.ceil((G - 1) / len(neg)) if len(neg) < G - 1 else neg
+                    pool = e.neg * math.ceil((G - 1) / len(e.neg)) if len(e.neg) < G - 1 else e.neg
                     group += rng.sample(pool, G - 1)
-                queries.append(q)
+                queries.append(e.query)
                 docs.extend(group)
             out["query"], out["passage"] = queries, docs
         if self.gen is not None:
@@ -338,18 +341,32 @@ class GritData:
             out["generative"] = [self.gen[i] for i in self._stream(len(self.gen), step * B, B, salt=2)]
         return out
 
+    def _embedding_items(self, pairs, max_len: int):
+        ids, skip = self.encoder.embedding(pairs, max_len)
+        for x, s, (instr, text) in zip(ids, skip, pairs):
+            if s >= len(x):
+                raise DataError(f"embedding data: nothing left to embed in {text[:60]!r} after the instruction "
+                                f"{instr[:60]!r} ({s} tokens, max length {max_len})")
+        return list(zip(ids, skip))
+
     def local_batch(self, step: int, rank: int = 0, world_size: int = 1, device="cpu") -> dict:
-        """This rank's slice of the global batch, as tensors."""
+        """This rank's slice of the global batch, tokenised: "query"/"passage" as
+        ``embedding_tensors``, "generative" as [(ids, targets)]."""
         g = self.global_batch(step)
         out = {}
         if "query" in g:
             b = _shard_size(self.cfg.batch_size, world_size, "batch_size")
             G = self.cfg.train_group_size
-            out["query"] = embedding_tensors(g["query"][rank * b:(rank + 1) * b], device)
-            out["passage"] = embedding_tensors(g["passage"][rank * b * G:(rank + 1) * b * G], device)
+            q = self._embedding_items(g["query"][rank * b:(rank + 1) * b], self.cfg.query_max_len)
+            d = self._embedding_items(g["passage"][rank * b * G:(rank + 1) * b * G], self.cfg.passage_max_len)
+            out["query"], out["passage"] = embedding_tensors(q, device), embedding_tensors(d, device)
         if "generative" in g:
             b = _shard_size(self.cfg.gen_batch_size, world_size, "gen_batch_size")
-            out["generative"] = g["generative"][rank * b:(rank + 1) * b]
+            items = []
+            for turns in g["generative"][rank * b:(rank + 1) * b]:
+                ids, labels = self.encoder.generative(turns, self.cfg.generative_max_len)
+                items.append((ids, labels[1:] + [IGNORE]))
+            out["generative"] = items
         return out
 
 

@@ -280,8 +280,10 @@ def test_unified_loss_and_grads_match_transformers(ckpt, loss_gen_type, factor):
     got = T.GritStep(model, T.StepConfig())(batch)
 
     hf = transformers.MistralForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    g = data.global_batch(0)
-    q, d = _hf_embed(hf, g["query"]), _hf_embed(hf, g["passage"])
+    g = data.global_batch(0)  # texts; tokenisation is checked by test_formats_follow_gritlm
+    q_items = list(zip(*data.encoder.embedding(g["query"], SMALL["query_max_len"])))
+    d_items = list(zip(*data.encoder.embedding(g["passage"], SMALL["passage_max_len"])))
+    q, d = _hf_embed(hf, q_items), _hf_embed(hf, d_items)
     scores = q @ d.T / 0.02
     loss_emb = F.cross_entropy(scores, torch.arange(3) * 2)
     # The generative batch is the 4 examples in some order; the loss does not depend on it.
