@@ -95,7 +95,8 @@ def _setup_distributed():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if (world > 1 or under_torchrun) and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(minutes=30))
     return device
@@ -208,7 +209,7 @@ def train(argv=None) -> dict:
 def main(argv=None) -> int:
     try:
         train(argv)
-    except T.DataError as e:
+    except (T.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

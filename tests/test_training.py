@@ -183,6 +183,10 @@ def test_cli_reports_bad_lines(ckpt, tmp_path, capsys):
                "--output-dir", str(tmp_path / "out"), "--no-progress"])
     assert rc == 2
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    rc = main(["--model", str(ckpt), "--embedding-data", str(tmp_path / "nope.jsonl"), "--generative-data",
+               str(GEN_FILE), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2
+    assert "embedding data: no such file" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- formats
