@@ -61,7 +61,8 @@ def grouped_mm_experts(x, w13_t, w2_t, weights, experts):
     E = w13_t.shape[0]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+    ones = torch.ones_like(flat, dtype=torch.int64)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat.long(), ones)
     offs = torch.cumsum(counts, 0).to(torch.int32)  # (bincount would sync with the host)
     tok = order // K
     gu = torch._grouped_mm(x[tok], w13_t, offs=offs)
@@ -141,7 +142,8 @@ def gpu_cases(device, quick: bool):
         else:
             out.append(Skipped("moe_experts fwd", shape, "torch._grouped_mm baseline needs sm_90 and torch >= 2.8"))
 
-        bwd_fits = max(_memory_estimate(T, D, F, E, K, True), _hf_memory_estimate(T, D, F, E, K, True)) < GPU_BYTES * 0.85
+        need = max(_memory_estimate(T, D, F, E, K, True), _hf_memory_estimate(T, D, F, E, K, True))
+        bwd_fits = need < GPU_BYTES * 0.85
         if not bwd_fits:
             out.append(Skipped("moe_experts fwd+bwd", shape, "would not fit in 80 GB with the HF baseline"))
             continue

@@ -85,11 +85,13 @@ def moe_aux_loss(router_logits, top_k: int = 2, mask=None, num_experts: int | No
     layers = list(router_logits) if isinstance(router_logits, (tuple, list)) else [router_logits]
     if not layers:
         raise ValueError("router_logits: expected at least one layer's logits, got an empty sequence")
+    stacked = not isinstance(router_logits, (tuple, list))
     for i, t in enumerate(layers):
-        name = "router_logits" if len(layers) == 1 and not isinstance(router_logits, (tuple, list)) else f"router_logits[{i}]"
+        name = "router_logits" if stacked else f"router_logits[{i}]"
         _checks.check_tensor(name, t, ndim=2, dtypes=_checks.FLOAT_DTYPES, device=layers[0].device)
         if t.shape[1] != layers[0].shape[1]:
-            raise ValueError(f"{name}: expected E = {layers[0].shape[1]} experts like router_logits[0], got {t.shape[1]}")
+            raise ValueError(
+                f"{name}: expected E = {layers[0].shape[1]} experts like router_logits[0], got {t.shape[1]}")
     E = layers[0].shape[1]
     if num_experts is not None and num_experts != E:
         raise ValueError(f"num_experts: {num_experts} does not match the logits' last dimension {E}")
@@ -103,7 +105,8 @@ def moe_aux_loss(router_logits, top_k: int = 2, mask=None, num_experts: int | No
             if bad:
                 raise ValueError(f"mask: {tuple(mask.shape)} covers {n} tokens but a layer's logits have {bad[0]} rows")
         elif n == 0 or rows[0] % n:
-            raise ValueError(f"mask: {tuple(mask.shape)} covers {n} tokens; router_logits' {rows[0]} rows are not a multiple")
+            raise ValueError(
+                f"mask: {tuple(mask.shape)} covers {n} tokens; router_logits' {rows[0]} rows are not a multiple")
     return ref.aux_loss(router_logits, top_k, mask, E)
 
 

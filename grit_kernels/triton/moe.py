@@ -56,8 +56,8 @@ def plan(TK: int, E: int, D: int, F: int, dtype: torch.dtype, on_gpu: bool) -> C
     ieee = dtype == torch.float32
     if not on_gpu:  # interpreter: few large programs run fastest; tl.dot needs dims >= 16
         bn = max(16, min(64, triton.next_power_of_2(max(D, F))))
-        return Config(block_m=16, block_n=bn, block_n_down=bn, block_k=bn, block_dw=bn, block_r=16, group_m=4, num_warps=4,
-                      num_stages=1, ieee=ieee)
+        return Config(block_m=16, block_n=bn, block_n_down=bn, block_k=bn, block_dw=bn, block_r=16, group_m=4,
+                      num_warps=4, num_stages=1, ieee=ieee)
     per_expert = TK / max(E, 1)
     # Decode and small batches: few rows per expert; a tall tile would be mostly padding and the
     # kernels are bound by reading the experts' weights, so keep BM at tl.dot's minimum.
@@ -305,7 +305,8 @@ def _dw_kernel(
             b_rows = tok
         else:
             b_rows = r.to(tl.int64)
-        a = tl.load(a_ptr + a_rows[:, None] * a_stride + a_col0 + ci[None, :], mask=valid[:, None] & i_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + a_rows[:, None] * a_stride + a_col0 + ci[None, :], mask=valid[:, None] & i_ok[None, :],
+                    other=0.0)
         if A_SCALE:
             w = tl.load(rw_ptr + slot, mask=valid, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * w[:, None]).to(a_ptr.dtype.element_ty)
