@@ -76,6 +76,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["grit_kernels", "grit_kernels.*"]) + ["grit_models"],
     package_dir={"grit_models": "models"},
+    package_data={"grit_models": ["data/*.jsonl"]},  # the sample training data
     ext_modules=[] if skip_reason else [CMakeExtension("grit_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
