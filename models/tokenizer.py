@@ -1,8 +1,10 @@
 """The checkpoint's tokenizer, read from ``tokenizer.json`` with the ``tokenizers`` library.
 
-Special tokens follow the original: BOS (and EOS) are added when the checkpoint's
-``tokenizer_config.json`` says ``add_bos_token`` / ``add_eos_token`` (Llama/Mistral
-tokenizers), otherwise as its ``tokenizer.json`` post-processor adds them. Truncation keeps
+Special tokens follow the original: BOS (and EOS) are added where the ``tokenizer.json``
+post-processor adds them (Mistral's prepends ``<s>``). That is what transformers 5 does for
+Mistral/Mixtral checkpoints (it loads them as a plain ``tokenizers`` backend and ignores
+``add_bos_token``/``add_eos_token`` in tokenizer_config.json); for GritLM's tokenizer, which
+says add_bos_token=true and add_eos_token=false, transformers 4 agreed. Truncation keeps
 the first ``max_length`` tokens including the special ones, like transformers' right-side
 truncation. Padding is not needed: sequences are packed.
 """
@@ -41,14 +43,11 @@ class Tokenizer:
         # gritlm sets pad = eos when the tokenizer has none.
         self.pad_token_id = self._tok.token_to_id(pad) if pad else self.eos_token_id
 
-        # What the post-processor adds around a sequence, unless the config overrides it.
+        # What the post-processor adds around a sequence; added here by hand so that truncation
+        # can count them the way transformers does.
         probe = self._tok.encode("", add_special_tokens=True).ids
         self.add_bos = bool(probe) and probe[0] == self.bos_token_id
         self.add_eos = bool(probe) and probe[-1] == self.eos_token_id and (len(probe) > 1 or not self.add_bos)
-        if "add_bos_token" in cfg:
-            self.add_bos = bool(cfg["add_bos_token"]) and self.bos_token_id is not None
-        if "add_eos_token" in cfg:
-            self.add_eos = bool(cfg["add_eos_token"]) and self.eos_token_id is not None
 
     @property
     def vocab_size(self) -> int:

@@ -359,3 +359,33 @@ def test_tokenizer_matches_transformers(ckpts):
                        max_length=max_length)["input_ids"]
             assert got == want, (add, max_length)
     assert ours.pad_token_id == ours.eos_token_id == 2 and ours.bos_token_id == 1
+
+
+def test_sentencepiece_style_tokenizer_matches_transformers(ckpts, tmp_path):
+    """A Mistral-like tokenizer.json (BPE, "▁" prepended by the normalizer, added special
+    tokens inside the text) in a mistral checkpoint: same ids as transformers' AutoTokenizer,
+    also where tokenizer_config.json's add_bos/add_eos flags disagree with the post-processor."""
+    from tokenizers import Tokenizer, models, normalizers, processors, trainers
+
+    from grit_models.testing import random_texts
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|embed|>", "<|assistant|>"]
+    tok.train_from_iterator(random_texts(200, 1, 30, seed=3) + ["\n"], trainers.BpeTrainer(vocab_size=150,
+                                                                                           special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    path = _copy(ckpts["mistral"], tmp_path / "spm")
+    tok.save(str(path / "tokenizer.json"))
+    texts = ["<|user|>\nrepresent the query\n<|embed|>\nthe cat is blue", "paris", "",
+             "\n<|user|>\nwhy\n<|assistant|>\nthe answer is", "  two  spaces </s>"]
+    for flags in ({}, {"add_bos_token": False, "add_eos_token": True}):
+        (path / "tokenizer_config.json").write_text(json.dumps(dict(
+            tokenizer_class="LlamaTokenizer", legacy=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+            **flags)))
+        ours, ref = gm.Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+        for add in (True, False):
+            for max_length in (None, 4):
+                want = ref(texts, add_special_tokens=add, truncation=max_length is not None,
+                           max_length=max_length)["input_ids"]
+                assert ours.encode_batch(texts, add_special_tokens=add, max_length=max_length) == want
