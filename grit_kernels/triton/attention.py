@@ -145,16 +145,17 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, hi, 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_n = lo + tl.arange(0, BLOCK_N)
+    # K is loaded row-major (contiguous head dim, vectorised) and transposed in the dot.
     # Pointers advance by one block per step (interior blocks need no index arithmetic).
-    kT_ptrs = K_base + offs_n[None, :] * stride_ks + offs_d[:, None]
+    k_ptrs = K_base + offs_n[:, None] * stride_ks + offs_d[None, :]
     v_ptrs = V_base + offs_n[:, None] * stride_vs + offs_d[None, :]
     for _n0 in range(lo, hi, BLOCK_N):
         if MASK:
             n_ok = offs_n < k_len
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:  # interior: every key exists
-            kT = _load(kT_ptrs, d_ok[:, None], D != BLOCK_D)
-        s = tl.dot(q, kT, input_precision=PREC) * qk_scale
+            k = _load(k_ptrs, d_ok[None, :], D != BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASK:
             s = tl.where(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s,
                          float("-inf"))
@@ -173,7 +174,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, hi, 
             v = _load(v_ptrs, d_ok[None, :], D != BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
-        kT_ptrs += BLOCK_N * stride_ks
+        k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
 
@@ -386,26 +387,26 @@ def _dq_blocks(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, lo, 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_n = lo + tl.arange(0, BLOCK_N)
-    kT_ptrs = K_base + offs_n[None, :] * stride_ks + offs_d[:, None]
-    vT_ptrs = V_base + offs_n[None, :] * stride_vs + offs_d[:, None]
+    k_ptrs = K_base + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V_base + offs_n[:, None] * stride_vs + offs_d[None, :]
     for _n0 in range(lo, hi, BLOCK_N):
         if MASK:
-            mask = d_ok[:, None] & (offs_n < k_len)[None, :]
-            kT = tl.load(kT_ptrs, mask=mask, other=0.0)
-            vT = tl.load(vT_ptrs, mask=mask, other=0.0)
+            mask = (offs_n < k_len)[:, None] & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=mask, other=0.0)
+            v = tl.load(v_ptrs, mask=mask, other=0.0)
         else:
-            kT = _load(kT_ptrs, d_ok[:, None], D != BLOCK_D)
-            vT = _load(vT_ptrs, d_ok[:, None], D != BLOCK_D)
-        s = tl.dot(q, kT, input_precision=PREC) * qk_scale
+            k = _load(k_ptrs, d_ok[None, :], D != BLOCK_D)
+            v = _load(v_ptrs, d_ok[None, :], D != BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASK:
             s = tl.where(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
             offs_n += BLOCK_N
         p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, vT, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
-        kT_ptrs += BLOCK_N * stride_ks
-        vT_ptrs += BLOCK_N * stride_vs
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
     return dq
 
 
@@ -472,22 +473,27 @@ _KEY = ["SEQ_KEY_Q", "SEQ_KEY_K", "BLOCK_D", "PACKED", "HAS_LEFT", "HAS_RIGHT", 
 
 # GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the fixed
 # choice when GRIT_ATTENTION_AUTOTUNE=0 (every key of the autotuner compiles every config:
-# seconds per new shape/mode, which GPU test runs can skip).
+# seconds per new shape/mode, which GPU test runs can skip). Checked by compiling for sm_90
+# (bf16, D = 128) and reading the register use: first entries are those without spills.
 _GPU_CONFIGS = {
-    # FA2 on sm80/sm90: 128-row Q tiles, 64-128 keys per step.
-    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    # The program holds dK, dV (2 x BLOCK_N x D fp32) and streams Q: small BLOCK_M.
-    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+    # 128-row Q tiles need 8 warps (2 warpgroups) to hold the fp32 accumulator unspilled.
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    # Holds dK and dV (2 x BLOCK_N x D fp32) and streams Q: every config spills some at D = 128
+    # with these plain-pointer loads (TMA descriptors would take the addresses off registers).
+    "dkdv": [(32, 64, 8, 3), (32, 128, 8, 3), (16, 64, 4, 3), (32, 128, 4, 3)],
     # Holds dQ and streams K, V.
-    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    "dq": [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
 }
+# fp32 ("ieee" dots run on CUDA cores): the tests' dtype, small tiles to fit shared memory.
+_GPU_CONFIGS_FP32 = {"fwd": [(64, 32, 4, 2)], "dkdv": [(32, 64, 4, 2)], "dq": [(64, 32, 4, 2)]}
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(which: str, autotune: bool):
+def _tuned(which: str, autotune: bool, fp32: bool):
     """The kernel with its GPU configs, built on first use (never at import)."""
-    shapes = _GPU_CONFIGS[which] if autotune else _GPU_CONFIGS[which][:1]
+    shapes = (_GPU_CONFIGS_FP32 if fp32 else _GPU_CONFIGS)[which]
+    shapes = shapes if autotune else shapes[:1]
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
     return triton.autotune(configs, key=_KEY)(_KERNELS[which])
 
@@ -503,7 +509,7 @@ def _launch(which, kernel, fixed, grid_of, args, **constexprs):
         kernel[grid_of(fixed)](*args, **constexprs, **fixed)
     else:
         autotune = os.environ.get("GRIT_ATTENTION_AUTOTUNE", "1") not in ("0", "")
-        _tuned(which, autotune)[grid_of](*args, **constexprs)
+        _tuned(which, autotune, constexprs["PREC"] == "ieee")[grid_of](*args, **constexprs)
 
 
 def _strides3(t, packed):
