@@ -8,7 +8,10 @@
   Each timed call embeds the query (retrieval needs it; with its cache in the query modes),
   assembles the caches and generates; document caches are built beforehand (offline in
   production, removed from gritlm's timings too). Baselines: gritlm's flow on transformers in
-  the same mode, and (op "rag vs no cache") grit_models without caching.
+  the same mode, and (op "rag vs no cache") grit_models without caching. Unlike gritlm's
+  eval.py, whose encode calls keep encode's default max_length=512 (so a 4000-token query
+  or document is cached as its first 512 tokens), both sides here embed and cache the whole
+  text (max_length=None), so that every mode sees the same tokens.
 * generate: tokens/s of ``generate`` vs transformers' ``generate``, greedy, batch of prompts
   of different lengths (left padded), every row forced to the full length.
 
@@ -102,10 +105,10 @@ def _gritlm_rag(ref, query, doc, mode, doc_kv):
 
     kv = None
     if mode is not None and "query" in mode:
-        _, qc = ref.encode_queries([query], get_cache=True, convert_to_tensor=True, instruction=EMBED)
+        _, qc = ref.encode_queries([query], get_cache=True, convert_to_tensor=True, instruction=EMBED, max_length=None)
         kv = [(layer.keys, layer.values) for layer in qc.layers]
     else:
-        ref.encode_queries([query], convert_to_tensor=True, instruction=EMBED)
+        ref.encode_queries([query], convert_to_tensor=True, instruction=EMBED, max_length=None)
     if mode == "doc":
         kv = doc_kv
     elif mode == "docquery":
@@ -127,7 +130,7 @@ def _gritlm_rag(ref, query, doc, mode, doc_kv):
 
 def _ours_rag(ours, query, doc, mode, doc_caches):
     if mode is None or "query" not in mode:
-        ours.encode_queries([query], convert_to_tensor=True, instruction=EMBED)  # retrieval embedding
+        ours.encode_queries([query], convert_to_tensor=True, instruction=EMBED, max_length=None)  # for retrieval
     return ours.rag(query, doc, cache=mode, doc_caches=doc_caches, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
                     return_ids=True)
 
@@ -183,7 +186,7 @@ def cases(device: torch.device, quick: bool):
                     doc_caches = gm.cache_documents(ours, [doc], cache=mode)
                     instruction = "\n" + EMBED if mode == "querydoc" else EMBED
                     dc = ref.encode_corpus([doc], get_cache=True, convert_to_tensor=True, instruction=instruction,
-                                           add_special_tokens=mode != "querydoc")[1]
+                                           add_special_tokens=mode != "querydoc", max_length=None)[1]
                     doc_kv = [(layer.keys, layer.values) for layer in dc.layers]
                 label = mode or "none"
                 fn = (lambda m=mode, q=query, d=doc, c=doc_caches: _ours_rag(ours, q, d, m, c))

@@ -170,7 +170,8 @@ def generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids: expected an integer tensor (B, S), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        raise ValueError(f"input_ids: expected an integer tensor (B, S), "
+                         f"got {input_ids.dtype} {tuple(input_ids.shape)}")
     input_ids = input_ids.to(device=device, dtype=torch.long)
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask, device=device)
@@ -190,7 +191,8 @@ def generate(
             raise ValueError(f"top_k: expected a non-negative integer, got {top_k!r}")
     V = model.config.vocab_size
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
-        raise ValueError(f"input_ids: token ids must lie in [0, {V}), got [{int(input_ids.min())}, {int(input_ids.max())}]")
+        raise ValueError(f"input_ids: token ids must lie in [0, {V}), "
+                         f"got [{int(input_ids.min())}, {int(input_ids.max())}]")
     eos = model.config.eos_token_ids if eos_token_id is None else (
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)

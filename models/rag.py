@@ -32,7 +32,8 @@ FORMAT_QUERY_FIRST = ("<|user|>\n{query}\n\n{doc}\n\nOptionally using the prior 
 FORMAT_DOC_FIRST = ("<|user|>\n{doc}\n\n{query}\n\nAnswer the prior query while optionally using the context "
                     "prior to it\n<|assistant|>\n")
 CACHED_QUERY = "\n<|user|>\n{doc}\n\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n"
-CACHED_DOC = "\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context prior to it\n<|assistant|>\n"
+CACHED_DOC = ("\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context prior to it"
+              "\n<|assistant|>\n")
 CACHED_DOC_QUERY = "\n<|user|>\nAnswer the prior query while optionally using the context prior to it\n<|assistant|>\n"
 CACHED_QUERY_DOC = "\n<|user|>\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n"
 

@@ -153,8 +153,10 @@ QUERY = "what is the capital of france"
 DOC = {"title": "paris", "text": "paris is the capital of france and a big city on a river"}
 _ASSISTANT = "\n<|assistant|>\n"
 _REF_FORMATS = {
-    None: "<|user|>\n{title} {text}\n\n{query}\n\nAnswer the prior query while optionally using the context prior to it" + _ASSISTANT,
-    "query": "\n<|user|>\n{title} {text}\n\nOptionally using the prior context answer the query prior to it" + _ASSISTANT,
+    None: ("<|user|>\n{title} {text}\n\n{query}\n\nAnswer the prior query while optionally using the context "
+           "prior to it" + _ASSISTANT),
+    "query": ("\n<|user|>\n{title} {text}\n\nOptionally using the prior context answer the query prior to it"
+              + _ASSISTANT),
     "doc": "\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context prior to it" + _ASSISTANT,
     "docquery": "\n<|user|>\nAnswer the prior query while optionally using the context prior to it" + _ASSISTANT,
     "querydoc": "\n<|user|>\nOptionally using the prior context answer the query prior to it" + _ASSISTANT,

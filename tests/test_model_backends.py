@@ -29,7 +29,8 @@ def _run(model):
     return emb, out, ans
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU run of the Triton kernels needs the interpreter")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU run of the Triton kernels needs the interpreter")
 @pytest.mark.parametrize("arch", ["mistral", "mixtral"])
 def test_triton_backend_equals_torch_backend(tmp_path, monkeypatch, arch):
     pytest.importorskip("triton")
