@@ -270,3 +270,12 @@ def test_bad_input(ckpt, ours, tmp_path):
         ours.rag(QUERY, [], cache="doc")
     with pytest.raises(ValueError, match="doc_caches"):
         ours.rag(QUERY, [DOC, DOC], cache="doc", doc_caches=gm.cache_documents(ours, [DOC]))
+
+
+def test_progress_bar_for_long_inputs(ours, capsys):
+    """Like gritlm: a tqdm bar over the batches from 256 texts on, none below."""
+    few = ours.encode(TEXTS, batch_size=4)
+    assert "Batches" not in capsys.readouterr().err
+    many = ours.encode(TEXTS * 20, batch_size=64)
+    assert "Batches" in capsys.readouterr().err
+    np.testing.assert_allclose(many[:len(TEXTS)], few, atol=1e-6, rtol=1e-6)
