@@ -55,7 +55,9 @@ class Rotary:
     def _table(self, n: int, device: torch.device):
         cos, sin = self._tables.get(device, (None, None))
         if cos is None or cos.shape[0] < n:
-            n = max(n, self.max_positions, 2 * cos.shape[0] if cos is not None else 0)
+            # Grow geometrically; start at up to 4096 positions (a table of all 131072 positions
+            # of Mixtral's config would be 64 MB at head_dim 128).
+            n = max(n, min(self.max_positions, 4096), 2 * cos.shape[0] if cos is not None else 0)
             # Same fp32 arithmetic as HF's rotary embedding, so the tables are bit-identical.
             # Only the first half is kept: HF's cos/sin repeat it for the second half.
             inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
