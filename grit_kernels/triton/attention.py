@@ -14,7 +14,8 @@ serves causal and bidirectional attention, sliding windows, GQA and both layouts
         key blocks ->  0   1   2   3
         q block 2:   [ full  ][diag] .   .      lo = 0, mid_lo = 0, mid_hi = 2, hi = 3 blocks
 
-  The dK/dV kernel runs the same reasoning transposed (which Q blocks see a K block).
+  The dK/dV kernel runs the same reasoning transposed (which Q blocks see a K block), in one
+  loop whose boundary blocks branch into the mask (it holds two accumulators: three loops spill).
 * Softmax. Online, in fp32, in base 2 (scores scaled by softmax_scale * log2 e, exp2). The
   row max is replaced by 0 while a row has seen nothing, so an empty row gives p = 0, never
   exp(-inf - -inf) = NaN; it ends with l = 0 -> zero output and lse = -inf.
@@ -284,28 +285,24 @@ def _load_row_stats(LSE, DELTA, lse_off, m_ok):
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qs, stride_dos,
-                 lo, hi, offs_n, q_len, k_len, left, right, qk_scale, D,
-                 MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
+                 lo, mid_lo, mid_hi, hi, offs_n, q_len, k_len, left, right, qk_scale, D,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_m = lo + tl.arange(0, BLOCK_M)
     q_ptrs = Q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
     do_ptrs = DO_base + offs_m[:, None] * stride_dos + offs_d[None, :]
-    for _m0 in range(lo, hi, BLOCK_M):
-        if MASK:
-            m_ok = offs_m < q_len
-            mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptrs, mask=mask, other=0.0)
-            do = tl.load(do_ptrs, mask=mask, other=0.0)
-            lse, delta = _load_row_stats(LSE_base, DELTA_base, offs_m, m_ok)
-        else:  # interior: every query row exists
-            q = _load(q_ptrs, d_ok[None, :], D != BLOCK_D)
-            do = _load(do_ptrs, d_ok[None, :], D != BLOCK_D)
-            lse, delta = _load_row_stats(LSE_base, DELTA_base, offs_m, offs_m < q_len)
+    for m0 in range(lo, hi, BLOCK_M):
+        m_ok = offs_m < q_len
+        mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptrs, mask=mask, other=0.0)
+        do = tl.load(do_ptrs, mask=mask, other=0.0)
+        lse, delta = _load_row_stats(LSE_base, DELTA_base, offs_m, m_ok)
         # Transposed tiles (keys x queries): this program owns the keys.
         sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-        if MASK:  # mask the scores, not P: exp2 of a hidden score above lse would overflow
+        if (m0 < mid_lo) | (m0 >= mid_hi):  # boundary block. Mask the scores, not P: exp2 of
+            # a hidden score above lse would overflow.
             sT = tl.where(tl.trans(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT)),
                           sT, float("-inf"))
         pT = tl.math.exp2(sT - lse[None, :])
@@ -364,14 +361,8 @@ def _attn_bwd_dkdv_kernel(
         LSE_base = LSE + lse_row0 + h * stride_lh
         DELTA_base = DELTA + lse_row0 + h * stride_lh
         dk, dv = _dkdv_blocks(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qs, stride_dos,
-                              lo, mid_lo, offs_n, q_len, k_len, left, right, qk_scale, D,
-                              True, HAS_LEFT, HAS_RIGHT, PREC, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qs, stride_dos,
-                              mid_lo, mid_hi, offs_n, q_len, k_len, left, right, qk_scale, D,
-                              False, HAS_LEFT, HAS_RIGHT, PREC, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qs, stride_dos,
-                              mid_hi, hi, offs_n, q_len, k_len, left, right, qk_scale, D,
-                              True, HAS_LEFT, HAS_RIGHT, PREC, BLOCK_M, BLOCK_D)
+                              lo, mid_lo, mid_hi, hi, offs_n, q_len, k_len, left, right, qk_scale, D,
+                              HAS_LEFT, HAS_RIGHT, PREC, BLOCK_M, BLOCK_D)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + kvh * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -478,9 +469,10 @@ _KEY = ["SEQ_KEY_Q", "SEQ_KEY_K", "BLOCK_D", "PACKED", "HAS_LEFT", "HAS_RIGHT", 
 _GPU_CONFIGS = {
     # 128-row Q tiles need 8 warps (2 warpgroups) to hold the fp32 accumulator unspilled.
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-    # Holds dK and dV (2 x BLOCK_N x D fp32) and streams Q: every config spills some at D = 128
-    # with these plain-pointer loads (TMA descriptors would take the addresses off registers).
-    "dkdv": [(32, 64, 8, 3), (32, 128, 8, 3), (16, 64, 4, 3), (32, 128, 4, 3)],
+    # Holds dK and dV (2 x BLOCK_N x D fp32) and streams Q in small blocks: one loop whose
+    # boundary blocks branch into the mask (three specialised loops as in the forward spilled
+    # at every config, up to 1.6 KB of stack per thread).
+    "dkdv": [(32, 128, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3)],
     # Holds dQ and streams K, V.
     "dq": [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
 }
