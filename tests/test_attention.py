@@ -267,6 +267,18 @@ def test_return_lse_false_returns_out_only(monkeypatch):
     assert isinstance(out, torch.Tensor) and out.shape == q.shape
 
 
+def test_gpu_configs_are_built_lazily():
+    """Importing the kernels builds no autotuner; building one compiles nothing (no device here)."""
+    from grit_kernels.triton import attention as tri
+
+    if not torch.cuda.is_available():
+        assert tri._tuned.cache_info().currsize == 0
+    for which in ("fwd", "dkdv", "dq"):
+        assert len(tri._tuned(which, True, False).configs) == len(tri._GPU_CONFIGS[which])
+        assert len(tri._tuned(which, False, False).configs) == 1
+        assert len(tri._tuned(which, True, True).configs) == len(tri._GPU_CONFIGS_FP32[which])
+
+
 def _opcheck_args(packed):
     if packed:
         q, k, v, cu = _packed_inputs([3, 1, 6], [5, 2, 6], 4, 2, 16)
