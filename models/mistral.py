@@ -164,22 +164,61 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, Fh))
         self.w3 = nn.Parameter(torch.empty(E, Fh, D))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., D) -> (out (..., D), router logits (N, E)), N = x.numel() / D tokens.
+
+        The logits are returned so that Mixtral's load-balancing loss (``moe_aux_loss``) can
+        be computed from this pass instead of re-running the router."""
         shape = x.shape
-        x_TD = x.reshape(-1, shape[-1])
-        logits_TE = F.linear(x_TD, self.gate)
-        weights_Tk, experts_Tk = grit_kernels.moe_route(logits_TE, top_k=self.top_k)
-        out = grit_kernels.moe_experts(x_TD, self.w1, self.w2, self.w3, weights_Tk, experts_Tk)
-        return out.reshape(shape)
+        x_ND = x.reshape(-1, shape[-1])
+        logits_NE = F.linear(x_ND, self.gate)
+        weights_Nk, experts_Nk = grit_kernels.moe_route(logits_NE, top_k=self.top_k)
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # The grit_kernels ops are not autocast ops: cast their inputs as autocast would a
+            # matmul (training keeps fp32 master weights and an fp32 residual stream).
+            dt = torch.get_autocast_dtype(dev)
+            x_ND, w1, w2, w3, weights_Nk = (t.to(dt) for t in (x_ND, w1, w2, w3, weights_Nk))
+        out = grit_kernels.moe_experts(x_ND, w1, w2, w3, weights_Nk, experts_Nk)
+        return out.reshape(shape), logits_NE
 
 
 class Block(nn.Module):
+    """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)). The only place the
+    residual wiring is written: the model's passes and training's per-layer calls (FSDP2
+    shards, checkpointing) all go through ``forward``."""
+
     def __init__(self, cfg: MistralConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe else MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int = 0, causal: bool = True, kv_out: list | None = None, *,
+                kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        """Returns (x, router logits (N, E) for Mixtral, else None), x of the input's shape.
+
+        Packed (``kv_cache`` None): x (T, D), cos/sin (T, 1, K/2), ``cu_seqlens`` (B + 1,)
+        int32, ``max_seqlen``, ``causal`` and ``kv_out`` as in ``Transformer.forward``.
+        Cached: x (B, S, D), cos/sin (B, S, 1, K/2), ``kv_cache`` = (k, v, seqlens) with k, v
+        (B, S_max, Hk, K) this layer's cache buffers and seqlens (B,) int32 the tokens each row
+        holds (causal, config window; cu_seqlens, max_seqlen, causal and kv_out are unused).
+        """
+        h = self.attn_norm(x)
+        if kv_cache is None:
+            h = self.attn(h, cos, sin, cu_seqlens, max_seqlen, causal, kv_out)
+        else:
+            h = self.attn.forward_cached(h, cos, sin, *kv_cache)
+        x = x + h
+        h = self.mlp_norm(x)
+        if isinstance(self.mlp, MoE):
+            h, router_logits_NE = self.mlp(h)
+        else:
+            h, router_logits_NE = self.mlp(h), None
+        return x + h, router_logits_NE
 
 
 class Transformer(nn.Module):
@@ -219,8 +258,7 @@ class Transformer(nn.Module):
         x = F.embedding(tokens_T, self.embed)
         cos, sin = self.rotary(positions_T, x.dtype, position_bound)
         for layer in self.layers:
-            x = x + layer.attn(layer.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, causal, kv_out)
-            x = x + layer.mlp(layer.mlp_norm(x))
+            x, _ = layer(x, cos, sin, cu_seqlens, max_seqlen, causal, kv_out)
         return self.norm(x)
 
     def forward_cached(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor, cache: KVCache,
@@ -230,8 +268,7 @@ class Transformer(nn.Module):
         x = F.embedding(tokens_BS, self.embed)
         cos, sin = self.rotary(positions_BS, x.dtype, position_bound)
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            x = x + layer.attn.forward_cached(layer.attn_norm(x), cos, sin, k_cache, v_cache, cache.seqlens)
-            x = x + layer.mlp(layer.mlp_norm(x))
+            x, _ = layer(x, cos, sin, kv_cache=(k_cache, v_cache, cache.seqlens))
         cache.seqlens += tokens_BS.shape[1]
         return self.norm(x)
 

@@ -39,7 +39,6 @@ import math
 import os
 import random
 import shutil
-import types
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -53,6 +52,7 @@ import grit_kernels
 
 from .checkpoint import load_checkpoint
 from .config import MistralConfig
+from .mistral import packed_positions
 
 IGNORE = -100
 
@@ -405,37 +405,12 @@ def generative_tensors(items: list[tuple[list[int], list[int]]], device="cpu") -
 # =========================================================================================
 
 
-def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
-    return torch.arange(total, device=cu_seqlens.device) - starts
-
-
-def _layer_forward(self, x_TD, cos, sin, cu_seqlens, max_seqlen: int, causal: bool):
-    """One decoder layer; returns (x, router logits (T, E) or None). Bound to each layer as
-    its ``forward`` so that the layer is called as a module (FSDP2's per-layer hooks,
-    checkpointing) and Mixtral's router logits come out for the load-balancing loss."""
-    x_TD = x_TD + self.attn(self.attn_norm(x_TD), cos, sin, cu_seqlens, max_seqlen, causal, None)
-    h = self.mlp_norm(x_TD)
-    mlp = self.mlp
-    if hasattr(mlp, "gate") and hasattr(mlp, "w1"):  # Mixtral MoE
-        logits_TE = F.linear(h, mlp.gate)
-        weights, experts = grit_kernels.moe_route(logits_TE, top_k=mlp.top_k)
-        w1, w2, w3 = mlp.w1, mlp.w2, mlp.w3
-        dev = h.device.type
-        if torch.is_autocast_enabled(dev):  # custom ops are not autocast: cast as autocast would
-            dt = torch.get_autocast_dtype(dev)
-            h, w1, w2, w3, weights = (t.to(dt) for t in (h, w1, w2, w3, weights))
-        return x_TD + grit_kernels.moe_experts(h, w1, w2, w3, weights, experts), logits_TE
-    return x_TD + mlp(h), None
-
-
 class GritTrainModel(nn.Module):
     """The trainable unit (wrap this in DDP / fully_shard): ``forward("embed", batch)`` gives
     (B, D) fp32 pooled embeddings, ``forward("gen", chunk)`` the generative loss of one chunk.
 
-    ``model``: a ``grit_models.Transformer`` (``load_checkpoint(...)``); its layers get a
-    ``forward`` of their own (see ``_layer_forward``). ``pooling_method``: "mean" or
+    ``model``: a ``grit_models.Transformer`` (``load_checkpoint(...)``), whose layers are
+    called one by one as modules (``Block.forward``). ``pooling_method``: "mean" or
     "weightedmean". ``gradient_checkpointing``: recompute each layer in the backward.
     """
 
@@ -459,8 +434,6 @@ class GritTrainModel(nn.Module):
             router_aux_loss_coef = getattr(cfg, "router_aux_loss_coef", 0.0) if self.is_moe else 0.0
         self.router_aux_loss_coef = float(router_aux_loss_coef)
         self.top_k = getattr(cfg, "num_experts_per_tok", 2)
-        for layer in model.layers:
-            layer.forward = types.MethodType(_layer_forward, layer)
 
     def hidden(self, tokens_T, cu_seqlens, max_seqlen: int, *, causal: bool):
         """(T, D) final-normed hidden states and the per-layer router logits (Mixtral)."""
@@ -471,9 +444,11 @@ class GritTrainModel(nn.Module):
         # k back to fp32 next to a bf16 v, which the attention op rejects.
         dev = x.device.type
         rope_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        cos, sin = m.rotary(_packed_positions(cu_seqlens, tokens_T.numel()), rope_dtype)
+        cos, sin = m.rotary(packed_positions(cu_seqlens, tokens_T.numel()), rope_dtype)
         router = []
         for layer in m.layers:
+            # Called as ``layer(...)``, not ``layer.forward(...)``: FSDP2's per-layer
+            # all-gather / reshard hooks run on the module call.
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, r = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, causal,
                                                          use_reentrant=False)
