@@ -14,30 +14,14 @@ Bytes counted: the K and V rows attended (cache_seqlens + 1 per row), read once.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from grit_kernels import attention_with_kvcache
 
-from .common import Case, Skipped
+from .common import Case, Skipped, with_backend
 
 HQ, HKV, D = 32, 8, 128
-
-
-def with_backend(backend, fn):
-    def call():
-        old = os.environ.get("GRIT_BACKEND")
-        os.environ["GRIT_BACKEND"] = backend
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["GRIT_BACKEND"]
-            else:
-                os.environ["GRIT_BACKEND"] = old
-    return call
 
 
 def _inputs(B, length, S_max, dtype, device, gen):

@@ -8,6 +8,7 @@ reports the median of both and their ratio. Suites are listed in ``bench/__main_
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,21 @@ class Result:
     gbps: float | None = None
     roofline_pct: float | None = None  # of the card's bf16 FLOP/s or memory bandwidth
     extra: dict = field(default_factory=dict)
+
+
+def with_backend(backend: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with GRIT_BACKEND forced to ``backend`` (restored afterwards)."""
+    def call():
+        old = os.environ.get("GRIT_BACKEND")
+        os.environ["GRIT_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["GRIT_BACKEND"]
+            else:
+                os.environ["GRIT_BACKEND"] = old
+    return call
 
 
 def sync(device: torch.device) -> None:

@@ -15,30 +15,14 @@ what was allocated before it (inputs excluded), in MiB, in ``Case.extra``.
 from __future__ import annotations
 
 import functools
-import os
-
 import torch
 
 from grit_kernels import GradCache, contrastive_loss
 from grit_kernels.reference import contrastive_loss as ref
 
-from .common import Case, Skipped, sync
+from .common import Case, Skipped, sync, with_backend
 
 TEMPERATURE = 0.02
-
-
-def with_backend(backend, fn):
-    def call():
-        old = os.environ.get("GRIT_BACKEND")
-        os.environ["GRIT_BACKEND"] = backend
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["GRIT_BACKEND"]
-            else:
-                os.environ["GRIT_BACKEND"] = old
-    return call
 
 
 def eager_loss(q, d):

@@ -8,33 +8,17 @@ Bytes counted: the pooled tokens of hidden (masked ones need not be read) + the 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from grit_kernels import mean_pool
 
-from .common import Case, Skipped
+from .common import Case, Skipped, with_backend
 
 
 def eager_pool(h, m):
     """gritlm.GritLM.pooling, 'mean' (the baseline)."""
     m = m.to(h.dtype)
     return (h * m.unsqueeze(-1)).sum(dim=1) / m.sum(dim=1, keepdim=True)
-
-
-def with_backend(backend, fn):
-    def call():
-        old = os.environ.get("GRIT_BACKEND")
-        os.environ["GRIT_BACKEND"] = backend
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["GRIT_BACKEND"]
-            else:
-                os.environ["GRIT_BACKEND"] = old
-    return call
 
 
 def _padded(B, S, D, dtype, device, gen):

@@ -10,32 +10,16 @@ CPU: a small fp32 shape on the torch (reference) backend vs the HF loop.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from grit_kernels import moe_experts, moe_route
 
-from .common import Case, Skipped, roofline
+from .common import Case, Skipped, roofline, with_backend
 
 MIXTRAL = dict(D=4096, F=14336, E=8, K=2)
 TOKENS = (1, 16, 256, 4096, 16384)
 QUICK_TOKENS = (1, 256, 4096)
 GPU_BYTES = 80e9  # skip what would not fit on an 80 GB card
-
-
-def with_backend(backend, fn):
-    def call():
-        old = os.environ.get("GRIT_BACKEND")
-        os.environ["GRIT_BACKEND"] = backend
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["GRIT_BACKEND"]
-            else:
-                os.environ["GRIT_BACKEND"] = old
-    return call
 
 
 def hf_experts(w1, w2, w3):
