@@ -4,9 +4,10 @@ torch.library registration, autograd.
     attention(q_BSHD, k_BSHD, v_BSHD, *, causal, window, softmax_scale, return_lse)
     attention(q_THD, k_THD, v_THD, cu_seqlens_q=cu_B1, cu_seqlens_k=cu_B1, max_seqlen_q=.., ...)
 
-Backends: ``triton`` (grit_kernels/triton/attention.py) for CUDA tensors, ``torch``
-(grit_kernels/reference/attention.py) for CPU tensors; ``GRIT_BACKEND`` forces one (the
-triton backend runs CPU tensors under ``TRITON_INTERPRET=1``). There is no csrc kernel.
+Backends: ``triton`` (grit_kernels/triton/attention.py) for CUDA tensors, ``torch`` for CPU
+tensors: PyTorch's fused CPU attention kernel (grit_kernels/ops/_sdpa_attention.py), and
+grit_kernels/reference/attention.py for what that does not cover; ``GRIT_BACKEND`` forces one
+(the triton backend runs CPU tensors under ``TRITON_INTERPRET=1``). There is no csrc kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from .. import _backend
 from ..reference import attention as ref
 from . import _checks
+from . import _sdpa_attention as fast
 
 _SUPPORTED = ("torch", "triton")
 MAX_HEAD_DIM = 256
@@ -192,8 +194,13 @@ def _attention_op(
     backend = _backend.select("attention", q.device.type, _SUPPORTED)
     window = (window_left, window_right)
     if backend == "torch":
-        out, lse = ref.attention_forward(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k)
-        return out.contiguous(), lse.contiguous()
+        if not fast.supports(q, k, v):  # e.g. CUDA tensors with GRIT_BACKEND=torch
+            out, lse = ref.attention_forward(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k)
+        elif cu_seqlens_q is None:
+            out, lse = fast.forward(q, k, v, causal, window, softmax_scale)
+        else:
+            out, lse = fast.forward_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, softmax_scale)
+        return out.contiguous(), lse.float().contiguous()
     from ..triton import attention as tri
 
     return tri.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, window, softmax_scale)
@@ -237,8 +244,17 @@ def _attention_backward_op(
     dout = dout.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
     if backend == "torch":
-        grads = ref.attention_backward(dout, dlse, q, k, v, out, lse, causal, window, softmax_scale,
-                                       cu_seqlens_q, cu_seqlens_k)
+        # The fused kernel's backward has no lse gradient: a nonzero one (return_lse=True and lse
+        # used in the loss) goes to the reference. Autograd hands an unused lse zeros, not None.
+        if fast.supports(q, k, v) and (dlse is None or not bool(dlse.any())):
+            if cu_seqlens_q is None:
+                grads = fast.backward(dout, q, k, v, out, lse, causal, window, softmax_scale)
+            else:
+                grads = fast.backward_packed(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, window,
+                                             softmax_scale)
+        else:
+            grads = ref.attention_backward(dout, dlse, q, k, v, out, lse, causal, window, softmax_scale,
+                                           cu_seqlens_q, cu_seqlens_k)
         return tuple(g.contiguous() for g in grads)
     from ..triton import attention as tri
 

@@ -8,8 +8,9 @@ Legend: B batch, S = Sq new tokens, T = S_max cache capacity, H = Hq query heads
 K = Hkv key/value heads, D head dim.
 
 Backends: ``triton`` (grit_kernels/triton/attention_kvcache.py: append kernel, split-KV
-Flash-Decoding kernel, logsumexp combine) and ``torch`` (grit_kernels/reference/
-attention_kvcache.py); see grit_kernels/_backend.py. There is no csrc kernel for this op.
+Flash-Decoding kernel, logsumexp combine) and ``torch`` (PyTorch's fused CPU attention kernel
+through grit_kernels/ops/_sdpa_attention.py, and grit_kernels/reference/attention_kvcache.py
+for what that does not cover); see grit_kernels/_backend.py. There is no csrc kernel for this op.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from .. import _backend
 from ..reference import attention_kvcache as ref
 from . import _checks
+from . import _sdpa_attention as fast
 
 _SUPPORTED = ("torch", "triton")
 MAX_HEAD_DIM = 256  # flash-attn's limit; the Triton kernel keeps a (rows, D) tile on chip
@@ -195,8 +197,14 @@ def _attention_with_kvcache_op(
     backend = _backend.select("attention_with_kvcache", q.device.type, _SUPPORTED)
     window = (window_left, window_right)
     if backend == "torch":
-        return ref.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal=causal,
-                                          window=window, softmax_scale=softmax_scale)
+        if not fast.supports(q, k_cache, v_cache):  # e.g. CUDA tensors with GRIT_BACKEND=torch
+            return ref.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal=causal,
+                                              window=window, softmax_scale=softmax_scale)
+        lengths = cache_seqlens.tolist()
+        if k is not None:
+            ref.append_kv(k_cache, v_cache, cache_seqlens, k, v)  # the slices flash-attn writes, row by row
+            lengths = [n + q.shape[1] for n in lengths]
+        return fast.kvcache_forward(q, k_cache, v_cache, lengths, causal, window, softmax_scale).contiguous()
     from ..triton import attention_kvcache as tri
 
     cache_seqlens = cache_seqlens.contiguous()  # the kernels index it densely (a view may be strided)
