@@ -199,9 +199,10 @@ def _runs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
         sq, sk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
         if sq == 0:
             continue  # no query, nothing to compute (its keys get zero gradients)
-        if runs and runs[-1][3:] == (sq, sk) and runs[-1][0] + runs[-1][2] * sq == cq[b] \
-                and runs[-1][1] + runs[-1][2] * sk == ck[b]:
-            runs[-1][2] += 1
+        last = runs[-1] if runs else None
+        if last and (last[3], last[4]) == (sq, sk) and last[0] + last[2] * sq == cq[b] \
+                and last[1] + last[2] * sk == ck[b]:
+            last[2] += 1
         else:
             runs.append([cq[b], ck[b], 1, sq, sk])
     return runs
