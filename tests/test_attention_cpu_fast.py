@@ -19,13 +19,14 @@ from grit_kernels import attention, attention_with_kvcache
 from grit_kernels.ops import _sdpa_attention as fast
 from grit_kernels.ops import attention as attention_op
 from grit_kernels.ops import attention_kvcache as kvcache_op
-from grit_kernels.reference import attention_kvcache as ref_kv
 from grit_kernels.reference.attention import attention_ref, visible_mask
 
 from helpers import assert_close_to_oracle, cu_seqlens_of
-
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-KV_ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+from test_attention import ATOL, MODES, _fwd_bwd, _opcheck_args
+from test_attention import _packed_inputs as _packed
+from test_attention import _padded_inputs as _padded
+from test_attention_kvcache import check as _kv_check_values
+from test_attention_kvcache import expected_caches, same
 
 
 @pytest.fixture(autouse=True)
@@ -42,28 +43,6 @@ def fast_only(monkeypatch):
     monkeypatch.setattr(attention_op.ref, "attention_forward", refuse)
     monkeypatch.setattr(attention_op.ref, "attention_backward", refuse)
     monkeypatch.setattr(kvcache_op.ref, "attention_with_kvcache", refuse)
-
-
-def _padded(B, Sq, Sk, Hq, Hkv, D, dtype=torch.float32, scale=1.0):
-    q = torch.randn(B, Sq, Hq, D) * scale
-    k = torch.randn(B, Sk, Hkv, D) * scale
-    v = torch.randn(B, Sk, Hkv, D)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _packed(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32):
-    q = torch.randn(sum(lens_q), Hq, D).to(dtype)
-    k = torch.randn(sum(lens_k), Hkv, D).to(dtype)
-    v = torch.randn(sum(lens_k), Hkv, D).to(dtype)
-    return q, k, v, dict(cu_seqlens_q=cu_seqlens_of(lens_q), cu_seqlens_k=cu_seqlens_of(lens_k))
-
-
-def _fwd_bwd(fn, q, k, v, dout, dlse, dtype=None):
-    ins = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = fn(*ins)
-    dl = torch.where(torch.isfinite(lse), dlse.to(lse.dtype), torch.zeros_like(lse))
-    torch.autograd.backward((out, lse), (dout.to(out.dtype), dl))
-    return (out.detach(), lse.detach(), *(torch.zeros_like(t) if t.grad is None else t.grad for t in ins))
 
 
 def check(q, k, v, *, lse_grad=False, atol=None, **kw):
@@ -126,17 +105,6 @@ def test_plan_matches_reference_mask():
 # attention, padded layout
 # ---------------------------------------------------------------------------------------
 
-MODES = [
-    pytest.param(False, (-1, -1), id="bidirectional"),
-    pytest.param(True, (-1, -1), id="causal"),
-    pytest.param(True, (16, -1), id="causal-window16"),
-    pytest.param(False, (16, 0), id="window(w,0)"),
-    pytest.param(False, (8, 8), id="window(w,w)"),
-    pytest.param(False, (0, 0), id="window(0,0)"),
-    pytest.param(False, (5, 23), id="window(5,23)"),
-    pytest.param(False, (-1, 3), id="window(-1,3)"),
-    pytest.param(False, (40, -1), id="window(40,-1)"),
-]
 LENGTHS = [(97, 97), (37, 70), (100, 171), (70, 37), (1, 50), (50, 1)]
 LENGTH_IDS = ["Sq=Sk", "Sq<Sk", "Sq<Sk-merged", "Sq>Sk", "Sq=1", "Sk=1"]
 
@@ -200,8 +168,8 @@ def test_strided_inputs_from_a_fused_qkv(fast_only):
     assert not q.is_contiguous()
     check(q, k, v, causal=True)
     qkv = torch.randn(40, 8, 32)
-    check(qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], cu_seqlens_q=cu_seqlens_of([13, 27]), cu_seqlens_k=cu_seqlens_of([13, 27]),
-          window=(6, 2))
+    cu = cu_seqlens_of([13, 27])
+    check(qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], cu_seqlens_q=cu, cu_seqlens_k=cu, window=(6, 2))
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,19 +215,18 @@ def test_runs_group_consecutive_equal_lengths():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded-causal-Sq<Sk", "packed"])
 def test_opcheck(packed):
+    """Both registered ops; the backward op with an unused (zero) lse gradient, the fast backward."""
     if packed:
-        q, k, v, cu = _packed([3, 1, 6], [5, 2, 6], 4, 2, 16)
-        args = (q, k, v, cu["cu_seqlens_q"], cu["cu_seqlens_k"], 6, 6, True, 2, -1, 0.3)
+        args = _opcheck_args(True)
     else:
-        q, k, v = _padded(2, 70, 90, 4, 2, 16)
+        q, k, v = (t.requires_grad_() for t in _padded(2, 70, 90, 4, 2, 16))
         args = (q, k, v, None, None, -1, -1, True, -1, -1, 0.25)
-    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     torch.library.opcheck(torch.ops.grit.attention.default, args)
-    out, lse = torch.ops.grit.attention(*args)
-    dq, dk, dv = (t.detach() for t in args[:3])
-    bw_args = (torch.randn_like(out), torch.zeros_like(lse), dq, dk, dv, out.detach(), lse.detach(), *args[3:])
+    out, lse = (t.detach() for t in torch.ops.grit.attention(*args))
+    q, k, v = (t.detach() for t in args[:3])
+    bw_args = (torch.randn_like(out), torch.zeros_like(lse), q, k, v, out, lse, *args[3:])
     torch.library.opcheck(torch.ops.grit.attention_backward.default, bw_args)
 
 
@@ -277,25 +244,9 @@ def test_fp64_runs_the_fast_path(fast_only):
 # ---------------------------------------------------------------------------------------
 
 
-def _kv_expected(k_cache, v_cache, cache_seqlens, k, v):
-    kc, vc = k_cache.clone(), v_cache.clone()
-    for b in range(k.shape[0]):
-        s = int(cache_seqlens[b])
-        kc[b, s:s + k.shape[1]] = k[b]
-        vc[b, s:s + k.shape[1]] = v[b]
-    return kc, vc
-
-
 def _kv_check(out, q, kc, vc, seqlens_k, **kw):
-    hp = ref_kv.attention_ref(q.double(), kc.double(), vc.double(), seqlens_k=seqlens_k, **kw)
-    lp = ref_kv.attention_ref(q, kc, vc, seqlens_k=seqlens_k, upcast=q.dtype == torch.float32, **kw)
-    assert out.dtype == q.dtype and out.is_contiguous()
-    assert_close_to_oracle(out, hp, lp, atol=KV_ATOL[q.dtype])
-
-
-def _same(a, b) -> bool:
-    """Bitwise equal, NaN equal to NaN."""
-    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    assert out.is_contiguous()
+    _kv_check_values(out, q, kc, vc, seqlens_k=seqlens_k, **kw)
 
 
 @pytest.mark.parametrize("Sq", [1, 3, 70])
@@ -314,9 +265,9 @@ def test_kvcache_rows_of_different_lengths(fast_only, Sq, lengths, causal, windo
     for b, n in enumerate(lengths):
         kc[b, n + Sq:] = float("nan")
         vc[b, n + Sq:] = float("nan")
-    ekc, evc = _kv_expected(kc, vc, seqlens, k, v)
+    ekc, evc = expected_caches(kc, vc, seqlens, k, v)
     out = attention_with_kvcache(q, kc, vc, seqlens, k, v, causal=causal, window=window, softmax_scale=0.2)
-    assert _same(kc, ekc) and _same(vc, evc)
+    assert same(kc, ekc) and same(vc, evc)
     assert torch.equal(seqlens, torch.tensor(lengths, dtype=torch.int32)), "cache_seqlens must not be advanced"
     _kv_check(out, q, ekc, evc, (seqlens + Sq).tolist(), causal=causal, window=window, softmax_scale=0.2)
 
@@ -354,7 +305,7 @@ def test_kvcache_without_new_kv_and_empty_rows(fast_only):
         before = kc.clone(), vc.clone()
         for causal in (True, False):
             out = attention_with_kvcache(q, kc, vc, seqlens, causal=causal)
-            assert _same(kc, before[0]) and _same(vc, before[1])
+            assert same(kc, before[0]) and same(vc, before[1])
             for b, n in enumerate(lengths):
                 if n == 0:
                     assert torch.equal(out[b], torch.zeros_like(out[b]))
@@ -370,7 +321,7 @@ def test_kvcache_strided_caches(fast_only):
     qkv = torch.randn(B, Sq, Hq + 2 * Hkv, D)
     q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
     seqlens = torch.tensor([3, 7, 18, 0], dtype=torch.int32)[::2]
-    ekc, evc = _kv_expected(kc, vc, seqlens, k, v)
+    ekc, evc = expected_caches(kc, vc, seqlens, k, v)
     out = attention_with_kvcache(q, kc, vc, seqlens, k, v)
     assert torch.equal(kv[:, :, 0], ekc) and torch.equal(kv[:, :, 1], evc)
     _kv_check(out, q, ekc, evc, (seqlens + Sq).tolist(), causal=True)
