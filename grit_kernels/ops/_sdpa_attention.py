@@ -273,16 +273,22 @@ def kvcache_forward(q, k_cache, v_cache, seqlens_k: list[int], causal: bool, win
     left, right = window
     if causal:
         right = 0
+    # A copy with zeros past each row's keys. Clone + zero_ per row: torch.where with a
+    # broadcast (B, L, 1, 1) condition took 5x longer (300 vs 61 us at B=2, L=257, K=8, D=128).
+    k, v = k_cache[:, :L].clone(), v_cache[:, :L].clone()
+    for b, n in enumerate(seqlens_k):
+        if n < L:
+            k[b, n:].zero_()
+            v[b, n:].zero_()
     lengths = torch.tensor(seqlens_k, device=q.device)
-    keep = (torch.arange(L, device=q.device) < lengths[:, None])[:, :, None, None]  # (B, L, 1, 1)
-    k = torch.where(keep, k_cache[:, :L], 0)
-    v = torch.where(keep, v_cache[:, :L], 0)
     visible = _visible(Sq, lengths[:, None, None], L, left, right, q.device)  # (B, Sq, L)
-    # A row that sees nothing (no k/v appended and an empty or too short cache row) attends to
-    # the zeroed keys instead of none (the kernel's lse would be wrong there) and is zeroed.
-    empty = ~visible.any(dim=-1)  # (B, Sq)
-    has_empty = bool(empty.any())
+    # Query i of row b sees nothing iff Sk_b = 0 or i < Sq - Sk_b - right (see _plan): never
+    # when k/v were appended (Sk_b >= Sq). Such a row attends to the zeroed keys instead of
+    # none (the kernel's fully masked rows are not part of its contract), then is zeroed.
+    shortest = min(seqlens_k)
+    has_empty = shortest == 0 or (right >= 0 and shortest < Sq - right)
     if has_empty:
+        empty = ~visible.any(dim=-1)  # (B, Sq)
         visible = visible | empty[..., None]
     out, _ = _FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
                     attn_mask=_additive(visible[:, None], q.dtype), scale=scale)
