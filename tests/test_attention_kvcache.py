@@ -18,7 +18,7 @@ import torch
 import grit_kernels
 from grit_kernels import attention_with_kvcache
 from grit_kernels.reference import attention_kvcache as ref
-from helpers import assert_close_to_oracle
+from helpers import assert_close_to_oracle, compile_for_sm90
 
 CPU_BACKENDS = ["torch", "triton"]
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -464,19 +464,11 @@ def test_public_name():
 # ---------------------------------------------------------------------------------------
 
 _AOT_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from grit_kernels.triton import attention_kvcache as m
 
-def build(fn, types, constexprs, warps=4, stages=3):
-    names = fn.arg_names
-    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+def kbuild(fn, types, constexprs):
     # What a launch specialises: 16-byte aligned pointers, strides and D multiples of 16.
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if n.endswith("_ptr") or n.startswith("s_") or n == "D"}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return build(fn, types, constexprs, aligned=lambda n: n.endswith("_ptr") or n.startswith("s_") or n == "D")
 
 def attn_types(p):
     return {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "seqlens_ptr": "*i32", "out_ptr": p,
@@ -487,33 +479,19 @@ for dt, group, causal, left, right, split, bm, bn, bd in [
     ("bf16", 8, True, True, False, False, 128, 64, 128),  # prefill over a cache, window
     ("fp32", 1, False, True, True, True, 32, 32, 64),     # ieee dot, bidirectional window
 ]:
-    build(m._attn_kernel, attn_types("*" + dt), dict(GROUP=group, CAUSAL=causal, HAS_LEFT=left, HAS_RIGHT=right,
-                                                    SPLIT=split, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn,
-                                                    BLOCK_D=bd))
-build(m._combine_kernel, {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
-      dict(GROUP=4, BLOCK_S=32, CHUNK=16, BLOCK_D=128))
-build(m._append_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
-                            "seqlens_ptr": "*i32"}, dict(BLOCK_H=8, BLOCK_D=128))
-print("compiled")
+    kbuild(m._attn_kernel, attn_types("*" + dt), dict(GROUP=group, CAUSAL=causal, HAS_LEFT=left, HAS_RIGHT=right,
+                                                     SPLIT=split, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn,
+                                                     BLOCK_D=bd))
+kbuild(m._combine_kernel, {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
+       dict(GROUP=4, BLOCK_S=32, CHUNK=16, BLOCK_D=128))
+kbuild(m._append_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
+                             "seqlens_ptr": "*i32"}, dict(BLOCK_H=8, BLOCK_D=128))
 """
 
 
 def test_kernels_compile_for_sm90():
     """Ahead-of-time compile (TTIR -> PTX -> cubin with the ptxas bundled in triton) for H100."""
-    import os
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"triton without its nvidia backend: {e}")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # @triton.jit must build real JIT functions
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
-        pytest.skip("no ptxas available")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+    compile_for_sm90(_AOT_SCRIPT)
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import grit_kernels
 from grit_kernels import mean_pool
 from grit_kernels.reference import mean_pool as ref
-from helpers import cu_seqlens_of
+from helpers import compile_for_sm90, cu_seqlens_of
 
 CPU_BACKENDS = ["torch", "cuda", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -278,3 +278,23 @@ def test_public_names():
     assert "mean_pool" in dir(grit_kernels)
     with pytest.raises(AttributeError):
         grit_kernels.no_such_op  # noqa: B018
+
+
+_AOT_SCRIPT = r"""
+from grit_kernels.triton import mean_pool as m
+
+for p in ("*bf16", "*fp32"):
+    for packed in (False, True):
+        for weighted in (False, True):
+            ptrs = {"h_ptr": p, "w_ptr": "*fp32", "cu_ptr": "*i32", "skip_ptr": "*i32", "out_ptr": "*fp32",
+                    "norm_ptr": "*fp32", "den_ptr": "*fp32", "dy_ptr": "*fp32", "dh_ptr": p}
+            for fused in (False, True):
+                build(m._mean_pool_fwd_kernel, ptrs, dict(PACKED=packed, WEIGHTED=weighted, FUSED_NORM=fused,
+                                                          NORMALIZE=fused, BLOCK_S=8, BLOCK_D=1024))
+            build(m._mean_pool_bwd_kernel, ptrs, dict(PACKED=packed, WEIGHTED=weighted, BLOCK_S=8, BLOCK_D=1024))
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter accepts things the compiler rejects (it once let a non-constexpr global through)."""
+    compile_for_sm90(_AOT_SCRIPT)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 NORM_EPS = 1e-12
+_NORM_EPS_K = tl.constexpr(NORM_EPS)  # kernels may only read constexpr globals
 
 
 @triton.jit
@@ -69,7 +70,7 @@ def _mean_pool_fwd_kernel(
         nrm = tl.sqrt(tl.sum(y * y, axis=0))
         tl.store(norm_ptr + b, nrm)
         if NORMALIZE:
-            y = y / tl.maximum(nrm, NORM_EPS)
+            y = y / tl.maximum(nrm, _NORM_EPS_K)
     tl.store(out_ptr + b.to(tl.int64) * D + cols, y, mask=col_ok)
     if tl.program_id(1) == 0:
         tl.store(den_ptr + b, total)
