@@ -16,7 +16,7 @@ from grit_kernels import attention
 from grit_kernels._backend import BackendUnavailableError
 from grit_kernels.reference.attention import attention_ref, visible_mask
 
-from helpers import assert_close_to_oracle, cu_seqlens_of
+from helpers import assert_close_to_oracle, compile_for_sm90, cu_seqlens_of
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -374,6 +374,100 @@ def test_bad_input(backend, case):
     _name, exc, match, args, kwargs = case
     with pytest.raises(exc, match=match):
         attention(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# compiled for sm_90 without a GPU: what the interpreter lets through (non-constexpr
+# globals, dot shapes and layouts, constexpr branches never taken on CPU)
+# ---------------------------------------------------------------------------------------
+
+# Each kernel is built as the launcher would launch it: the first GPU config of each list
+# (tiles, num_warps, num_stages: what GRIT_ATTENTION_AUTOTUNE=0 runs; the autotuner's other
+# configs for one case), the launcher's constexprs, and the JIT's specialisation of the
+# argument values of a GritLM-sized call (pointers 16-byte aligned, ints divisible by 16
+# marked so, ints equal to 1 constexpr).
+_AOT_SCRIPT = r"""
+from grit_kernels.triton import attention as m
+
+H100_SHARED = 232448  # bytes of shared memory one block may use
+
+def compile_launch(fn, args, constexprs, warps=4, stages=3):
+    # args: name -> pointer type ("*bf16") or the int / float value a launch passes.
+    types, consts, aligned = {}, dict(constexprs), set()
+    for n, a in args.items():
+        if isinstance(a, str):
+            types[n] = a
+            aligned.add(n)
+        elif isinstance(a, float):
+            types[n] = "fp32"
+        elif a == 1:
+            consts[n] = 1
+        else:
+            types[n] = "i64" if abs(a) >= 2**31 else "i32"
+            if a % 16 == 0:
+                aligned.add(n)
+    missing = set(fn.arg_names) - set(types) - set(consts)
+    assert not missing, f"{fn.__name__}: no value for {sorted(missing)}"
+    k = build(fn, types, consts, warps, stages, aligned=aligned.__contains__)
+    assert k.metadata.shared <= H100_SHARED, f"{fn.__name__}: {k.metadata.shared} bytes of shared memory"
+
+def attention(dt, causal, window, packed, Hq, Hkv, D, config=0):
+    # forward() and backward() of q (B, S, Hq, D) / packed (T, Hq, D), contiguous, with the
+    # config-th GPU config of each list (kernels whose list is shorter are skipped).
+    B, S = (1, 4096) if packed else (2, 2048)
+    left, right = window
+    right = 0 if causal else right
+    p, cu = "*" + dt, ("*i32" if packed else "*fp32")  # padded: lse stands in for cu_seqlens
+    def strides(**heads):
+        out = {}
+        for x, H in heads.items():
+            out.update(zip((f"stride_{x}b", f"stride_{x}s", f"stride_{x}h"),
+                           (0, H * D, D) if packed else (S * H * D, H * D, D)))
+        return out
+    lse = dict(stride_lb=0, stride_lh=B * S) if packed else dict(stride_lb=Hq * S, stride_lh=S)
+    common = dict(SEQ_Q=S, SEQ_K=S, GROUP=Hq // Hkv, D=D, left=max(left, 0), right=max(right, 0),
+                  SEQ_KEY_Q=S, SEQ_KEY_K=S, qk_scale=0.1)
+    block_d = max(16, triton.next_power_of_2(D))
+    flags = dict(PACKED=packed, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PREC="ieee" if dt == "fp32" else "tf32",
+                 BLOCK_D=block_d)
+    configs = m._GPU_CONFIGS_FP32 if dt == "fp32" else m._GPU_CONFIGS
+    def launch(which, fn, args):
+        if config < len(configs[which]):
+            bm, bn, warps, stages = configs[which][config]
+            compile_launch(fn, args, dict(**flags, BLOCK_M=bm, BLOCK_N=bn), warps, stages)
+    launch("fwd", m._attn_fwd_kernel, dict(Q=p, K=p, V=p, O=p, LSE="*fp32", CU_Q=cu, CU_K=cu,
+           **strides(q=Hq, k=Hkv, v=Hkv, o=Hq), **lse, **common))
+    for has_dlse in (False, True) if config == 0 else ():  # fixed tiles, default num_warps / num_stages
+        compile_launch(m._bwd_preprocess_kernel, dict(O=p, DO=p, DLSE="*fp32", DELTA="*fp32", CU_Q=cu,
+                       **strides(o=Hq, do=Hq), **lse, SEQ_Q=S, D=D),
+                       dict(PACKED=packed, HAS_DLSE=has_dlse, BLOCK_M=64, BLOCK_D=block_d))
+    launch("dkdv", m._attn_bwd_dkdv_kernel, dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p,
+           CU_Q=cu, CU_K=cu, **strides(q=Hq, k=Hkv, v=Hkv, do=Hq, dk=Hkv, dv=Hkv), **lse, sm_scale=0.1, **common))
+    launch("dq", m._attn_bwd_dq_kernel, dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DQ=p,
+           CU_Q=cu, CU_K=cu, **strides(q=Hq, k=Hkv, v=Hkv, do=Hq, dq=Hq), **lse, sm_scale=0.1, **common))
+
+# (dtype, causal, window, packed, Hq, Hkv, D): every mask specialisation, both layouts, GQA
+# groups 8, 4 and 1 (a constexpr), head dims 128 and 64. fp32 (ieee dots, its own configs)
+# at D = 64 only: D = 128 compiles too but takes ~40 s on CPU.
+for case in [
+    ("bf16", True, (-1, -1), False, 32, 8, 128),   # GritLM causal
+    ("bf16", False, (-1, -1), True, 32, 8, 128),   # GritLM bidirectional, packed
+    ("bf16", False, (256, 0), False, 32, 8, 128),  # left and right windows
+    ("bf16", True, (4096, -1), True, 32, 8, 128),  # Mistral's sliding window
+    ("fp16", False, (100, 37), True, 16, 2, 64),
+    ("fp16", True, (-1, -1), False, 16, 16, 64),
+    ("fp32", False, (-1, -1), True, 16, 4, 64),
+]:
+    attention(*case)
+# The autotuner (on by default) compiles every config of the lists: the rest, for one case.
+for config in range(1, max(map(len, m._GPU_CONFIGS.values()))):
+    attention("bf16", True, (-1, -1), False, 32, 8, 128, config)
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """Forward, delta preprocess, dK/dV and dQ kernels, compiled ahead of time for H100."""
+    compile_for_sm90(_AOT_SCRIPT)
 
 
 # ---------------------------------------------------------------------------------------
