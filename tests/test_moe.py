@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_to_oracle
+from helpers import assert_close_to_oracle, compile_for_sm90
 
 import grit_kernels
 from grit_kernels import moe_aux_loss, moe_experts, moe_route
@@ -432,6 +432,87 @@ def test_compile_fullgraph(backend):
 
 def test_public_names():
     assert grit_kernels.moe_route is moe_route and grit_kernels.moe_experts is moe_experts
+
+
+# ---------------------------------------------------------------------------------------
+# compiled for sm_90 without a GPU: what the interpreter lets through (non-constexpr
+# globals, dot shapes and layouts, the tile sizes only GPU plans choose)
+# ---------------------------------------------------------------------------------------
+
+# Every kernel built as the launchers of grit_kernels/triton/moe.py launch it for Mixtral
+# (E 8, top-2, D 4096, F 14336): tiles, num_warps and num_stages from plan(on_gpu=True) for a
+# decode step and for each BM bucket, and the JIT's specialisation of the argument values
+# (pointers 16-byte aligned, ints divisible by 16 marked so, ints equal to 1 constexpr).
+_AOT_SCRIPT = r"""
+import torch
+from grit_kernels.triton import moe as m
+from grit_kernels.reference.moe import max_tiles
+
+H100_SHARED = 232448  # bytes of shared memory one block may use
+
+def compile_launch(fn, args, constexprs, warps=4, stages=3):
+    # args: name -> pointer type ("*bf16") or the int / float value a launch passes.
+    types, consts, aligned = {}, dict(constexprs), set()
+    for n, a in args.items():
+        if isinstance(a, str):
+            types[n] = a
+            aligned.add(n)
+        elif isinstance(a, float):
+            types[n] = "fp32"
+        elif a == 1:
+            consts[n] = 1
+        else:
+            types[n] = "i64" if abs(a) >= 2**31 else "i32"
+            if a % 16 == 0:
+                aligned.add(n)
+    missing = set(fn.arg_names) - set(types) - set(consts)
+    assert not missing, f"{fn.__name__}: no value for {sorted(missing)}"
+    k = build(fn, types, consts, warps, stages, aligned=aligned.__contains__)
+    assert k.metadata.shared <= H100_SHARED, f"{fn.__name__}: {k.metadata.shared} bytes of shared memory"
+
+def experts(dt, T, save, E=8, K=2, D=4096, F=14336):
+    TK = T * K
+    cfg = m.plan(TK, E, D, F, getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dt]), True)
+    n_tiles = max_tiles(TK, E, cfg.block_m)
+    p, i32, f32 = "*" + dt, "*i32", "*fp32"  # routing weights in the activations' dtype
+    rows = dict(sorted_ptr=i32, tile_expert_ptr=i32, TK=TK, D=D, F=F, n_tiles=n_tiles)
+    tiles = dict(IEEE=cfg.ieee, BM=cfg.block_m, BK=cfg.block_k, GROUP_M=cfg.group_m)
+    opts = (cfg.num_warps, cfg.num_stages)
+    compile_launch(m._gate_up_kernel, dict(x_ptr=p, w1_ptr=p, w3_ptr=p, gu_ptr=p, h_ptr=p, **rows),
+                   dict(K_TOP=K, SAVE=save, BN=cfg.block_n, **tiles), *opts)
+    compile_launch(m._down_kernel, dict(h_ptr=p, w2_ptr=p, rw_ptr=p, y_ptr=f32, **rows),
+                   dict(BN=cfg.block_n_down, **tiles), *opts)
+    if not save:  # inference: no backward
+        return
+    compile_launch(m._down_bwd_kernel, dict(dout_ptr=p, w2_ptr=p, gu_ptr=p, rw_ptr=p, dgu_ptr=p, dwp_ptr=f32,
+                                            M=n_tiles * cfg.block_m, **rows),
+                   dict(K_TOP=K, BN=cfg.block_n, **tiles), *opts)
+    compile_launch(m._dx_kernel, dict(dgu_ptr=p, w1_ptr=p, w3_ptr=p, dxs_ptr=f32, **rows),
+                   dict(BN=cfg.block_n, **tiles), *opts)
+    dw = dict(K_TOP=K, IEEE=cfg.ieee, BI=cfg.block_dw, BJ=cfg.block_dw, BR=cfg.block_r, GROUP_M=cfg.group_m)
+    compile_launch(m._dw_kernel, dict(a_ptr=p, b_ptr=p, sorted_ptr=i32, offsets_ptr=i32, rw_ptr=p, out_ptr=p,  # dw3
+                                      TK=TK, I=F, J=D, a_stride=2 * F, b_stride=D, a_col0=F),
+                   dict(A_GATHER=False, B_GATHER=True, A_SCALE=False, **dw), *opts)
+    compile_launch(m._dw_kernel, dict(a_ptr=p, b_ptr=p, sorted_ptr=i32, offsets_ptr=i32, rw_ptr=p, out_ptr=p,  # dw2
+                                      TK=TK, I=D, J=F, a_stride=D, b_stride=F, a_col0=0),
+                   dict(A_GATHER=True, B_GATHER=False, A_SCALE=True, **dw), *opts)
+
+# bf16: decode (T = 1, BM 16, forward only), then training steps in each BM bucket
+# (16, 32, 64, 128 rows per tile); fp32: its own plans (ieee dots, narrower tiles).
+for dt, T, save in [("bf16", 1, False), ("bf16", 1, True), ("bf16", 128, True), ("bf16", 256, True),
+                    ("bf16", 8192, True), ("fp32", 1, True), ("fp32", 4096, True)]:
+    experts(dt, T, save)
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """gate/up, down and the backward kernels, compiled ahead of time for H100."""
+    from grit_kernels.triton import moe as tri
+
+    # the cases above cover every BM bucket of the planner
+    assert {tri.plan(T * 2, 8, 4096, 14336, torch.bfloat16, True).block_m for T in (1, 128, 256, 8192)} == {
+        16, 32, 64, 128}
+    compile_for_sm90(_AOT_SCRIPT)
 
 
 # ---------------------------------------------------------------------------------------
