@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from grit_kernels import contrastive_loss
 from grit_kernels.triton import contrastive_loss as tri
 
-from helpers import assert_close_to_oracle
+from helpers import assert_close_to_oracle, compile_for_sm90
 
 
 def oracle(q, d, targets=None, *, temperature=0.02, normalize=True, reduction="mean", dtype=torch.float64):
@@ -275,6 +275,75 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q.grad.double(), q2.grad.double(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(d.grad.double(), d2.grad.double(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# compiled for sm_90 without a GPU: what the interpreter lets through (non-constexpr
+# globals, dot shapes and layouts, the GPU tile sizes)
+# ---------------------------------------------------------------------------------------
+
+# Every kernel built as the launchers launch it on a GPU: tiles, num_warps and num_stages from
+# _config() of a CUDA tensor (row kernels: the defaults), and the JIT's specialisation of the
+# argument values (pointers 16-byte aligned, ints divisible by 16 marked so, ints equal to 1
+# constexpr), for a GritLM batch and for odd sizes.
+_AOT_SCRIPT = r"""
+from types import SimpleNamespace
+
+import torch
+from grit_kernels.triton import contrastive_loss as m
+
+H100_SHARED = 232448  # bytes of shared memory one block may use
+
+def compile_launch(fn, args, constexprs, warps=4, stages=3):
+    # args: name -> pointer type ("*bf16") or the int / float value a launch passes.
+    types, consts, aligned = {}, dict(constexprs), set()
+    for n, a in args.items():
+        if isinstance(a, str):
+            types[n] = a
+            aligned.add(n)
+        elif isinstance(a, float):
+            types[n] = "fp32"
+        elif a == 1:
+            consts[n] = 1
+        else:
+            types[n] = "i64" if abs(a) >= 2**31 else "i32"
+            if a % 16 == 0:
+                aligned.add(n)
+    missing = set(fn.arg_names) - set(types) - set(consts)
+    assert not missing, f"{fn.__name__}: no value for {sorted(missing)}"
+    k = build(fn, types, consts, warps, stages, aligned=aligned.__contains__)
+    assert k.metadata.shared <= H100_SHARED, f"{fn.__name__}: {k.metadata.shared} bytes of shared memory"
+
+def loss(dt, B, N, D, precisions):
+    cfg = dict(m._config(SimpleNamespace(dtype=getattr(torch, dt), device=torch.device("cuda"))))
+    opts = (cfg.pop("num_warps"), cfg.pop("num_stages"))
+    p, f32 = {"bfloat16": "*bf16", "float32": "*fp32"}[dt], "*fp32"
+    block_d = min(triton.next_power_of_2(D), 1024)
+    for normalize, hat in ((False, False), (True, False), (True, True)):  # forward; backward's x-hat
+        compile_launch(m._row_scale_kernel, dict(x_ptr=p, inv_ptr=f32, xhat_ptr=p if hat else f32, D=D, scale=50.0,
+                                                 eps=m.NORM_EPS), dict(NORMALIZE=normalize, WRITE_HAT=hat, BLOCK_D=block_d))
+    for prec in precisions:
+        compile_launch(m._fwd_kernel, dict(q_ptr=p, d_ptr=p, a_ptr=f32, b_ptr=f32, tgt_ptr="*i64", m_ptr=f32,
+                                           z_ptr=f32, t_ptr=f32, B=B, N=N, D=D, cols_per_split=2 * cfg["BLOCK_N"]),
+                       dict(INPUT_PRECISION=prec, **cfg), *opts)
+        compile_launch(m._bwd_grad_logits_kernel, dict(q_ptr=p, d_ptr=p, a_ptr=f32, b_ptr=f32, tgt_ptr="*i64",
+                                                       lse_ptr=f32, g_ptr=f32, h_ptr=p, B=B, N=N, D=D, c0=0, nc=N),
+                       dict(INPUT_PRECISION=prec, **cfg), *opts)
+    for g in sorted({p, f32}):  # dL/dq-hat in fp32 when summed over several column groups
+        for normalize in (False, True):
+            compile_launch(m._project_kernel, dict(g_ptr=g, x_ptr=p, inv_ptr=f32, scale_ptr=f32, out_ptr=p, D=D,
+                                                   eps=m.NORM_EPS), dict(NORMALIZE=normalize, BLOCK_D=block_d))
+
+# fp32 follows torch's allow_tf32 (ieee by default); bf16/fp16 pass "ieee" (unused by their dots).
+loss("bfloat16", 2048, 4096, 4096, ["ieee"])
+loss("bfloat16", 300, 1025, 257, ["ieee"])
+loss("float32", 2048, 4096, 4096, ["ieee", "tf32"])
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """Row-scale, forward, backward-logits and projection kernels, compiled ahead of time for H100."""
+    compile_for_sm90(_AOT_SCRIPT)
 
 
 # ---------------------------------------------------------------------------------------
