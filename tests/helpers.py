@@ -46,6 +46,31 @@ def build(fn, types, constexprs, warps=4, stages=3, aligned=lambda name: name.en
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if aligned(n)}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+H100_SHARED = 232448  # bytes of shared memory one block may use
+
+def compile_launch(fn, args, constexprs, warps=4, stages=3):
+    """Compile fn as a launch with these argument values would specialise it (triton 3.9's rules):
+    args: name -> pointer type ("*bf16", aligned) or the int / float value passed; floats are
+    fp32, ints equal to 1 become constexprs, ints divisible by 16 are marked so."""
+    types, consts, aligned = {}, dict(constexprs), set()
+    for n, a in args.items():
+        if isinstance(a, str):
+            types[n] = a
+            aligned.add(n)
+        elif isinstance(a, float):
+            types[n] = "fp32"
+        elif a == 1:
+            consts[n] = 1
+        else:
+            types[n] = "i64" if abs(a) >= 2**31 else "i32"
+            if a % 16 == 0:
+                aligned.add(n)
+    missing = set(fn.arg_names) - set(types) - set(consts)
+    assert not missing, f"{fn.__name__}: no value for {sorted(missing)}"
+    k = build(fn, types, consts, warps, stages, aligned=aligned.__contains__)
+    assert k.metadata.shared <= H100_SHARED, f"{fn.__name__}: {k.metadata.shared} bytes of shared memory"
+    return k
 '''
 
 

@@ -292,28 +292,6 @@ from types import SimpleNamespace
 import torch
 from grit_kernels.triton import contrastive_loss as m
 
-H100_SHARED = 232448  # bytes of shared memory one block may use
-
-def compile_launch(fn, args, constexprs, warps=4, stages=3):
-    # args: name -> pointer type ("*bf16") or the int / float value a launch passes.
-    types, consts, aligned = {}, dict(constexprs), set()
-    for n, a in args.items():
-        if isinstance(a, str):
-            types[n] = a
-            aligned.add(n)
-        elif isinstance(a, float):
-            types[n] = "fp32"
-        elif a == 1:
-            consts[n] = 1
-        else:
-            types[n] = "i64" if abs(a) >= 2**31 else "i32"
-            if a % 16 == 0:
-                aligned.add(n)
-    missing = set(fn.arg_names) - set(types) - set(consts)
-    assert not missing, f"{fn.__name__}: no value for {sorted(missing)}"
-    k = build(fn, types, consts, warps, stages, aligned=aligned.__contains__)
-    assert k.metadata.shared <= H100_SHARED, f"{fn.__name__}: {k.metadata.shared} bytes of shared memory"
-
 def loss(dt, B, N, D, precisions):
     cfg = dict(m._config(SimpleNamespace(dtype=getattr(torch, dt), device=torch.device("cuda"))))
     opts = (cfg.pop("num_warps"), cfg.pop("num_stages"))

@@ -448,28 +448,6 @@ import torch
 from grit_kernels.triton import moe as m
 from grit_kernels.reference.moe import max_tiles
 
-H100_SHARED = 232448  # bytes of shared memory one block may use
-
-def compile_launch(fn, args, constexprs, warps=4, stages=3):
-    # args: name -> pointer type ("*bf16") or the int / float value a launch passes.
-    types, consts, aligned = {}, dict(constexprs), set()
-    for n, a in args.items():
-        if isinstance(a, str):
-            types[n] = a
-            aligned.add(n)
-        elif isinstance(a, float):
-            types[n] = "fp32"
-        elif a == 1:
-            consts[n] = 1
-        else:
-            types[n] = "i64" if abs(a) >= 2**31 else "i32"
-            if a % 16 == 0:
-                aligned.add(n)
-    missing = set(fn.arg_names) - set(types) - set(consts)
-    assert not missing, f"{fn.__name__}: no value for {sorted(missing)}"
-    k = build(fn, types, consts, warps, stages, aligned=aligned.__contains__)
-    assert k.metadata.shared <= H100_SHARED, f"{fn.__name__}: {k.metadata.shared} bytes of shared memory"
-
 def experts(dt, T, save, E=8, K=2, D=4096, F=14336):
     TK = T * K
     cfg = m.plan(TK, E, D, F, getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dt]), True)
