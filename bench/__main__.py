@@ -34,6 +34,15 @@ def _progress(items, desc):
         return items
 
 
+def _write(line: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -110,7 +119,11 @@ def main(argv=None) -> int:
                 skipped.append(case)
                 continue
             assert isinstance(case, Case)
-            results.append(run_case(case, device, budget))
+            r = run_case(case, device, budget)
+            results.append(r)
+            # One line per case as it finishes, so a run cut short by a time limit still reports.
+            ratio = "" if r.speedup is None else f", {r.speedup:.2f}x vs {r.baseline_name}"
+            _write(f"[{r.op} | {r.shape} | {r.backend}] {r.median_ms:.4f} ms{ratio}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
