@@ -157,7 +157,7 @@ def _mean_pool_backward_op(
     grad_out = grad_out.contiguous()
     if backend == "torch":
         return ref.mean_pool_backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, normalize, weighted)
-    dy = _grad_of_mean(grad_out, out, norm, normalize)
+    dy = ref.grad_of_mean(grad_out, out, norm, normalize).contiguous()
     if backend == "triton":
         from ..triton import mean_pool as tri
 
@@ -200,16 +200,6 @@ def _row_denominators(mask, cu_seqlens, skip, weighted, total) -> torch.Tensor:
         return ref.token_weights_padded(mask, weighted).sum(dim=1)
     n = (cu_seqlens[1:] - cu_seqlens[:-1] - skip).clamp_min(0).to(torch.float64)
     return (n * (n + 1) / 2 if weighted else n).to(torch.float32)
-
-
-def _grad_of_mean(grad_out: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Gradient w.r.t. the unnormalised mean y, (B, D) fp32 (the Jacobian of y / max(|y|, eps))."""
-    g = grad_out.float()
-    if not normalize:
-        return g
-    dot = (out * g).sum(dim=1, keepdim=True)
-    d = norm.clamp_min(ref.NORM_EPS)[:, None]
-    return torch.where(norm[:, None] > ref.NORM_EPS, (g - out * dot) / d, g / d).contiguous()
 
 
 def _layout(hidden, mask, cu_seqlens):

@@ -83,22 +83,22 @@ def mean_pool_forward(hidden, mask, cu_seqlens, skip, normalize, weighted):
     return _finish(*_sums_packed(hidden, cu_seqlens, skip, weighted, torch.float32), normalize)
 
 
-def mean_pool_backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, normalize, weighted):
-    """d hidden for ``mean_pool_forward``: every token gets ``w / den * dy`` of its row.
+def grad_of_mean(grad_out, out, norm, normalize):
+    """Gradient w.r.t. the unnormalised mean y, (B, D) fp32.
 
     With ``normalize``, ``o = y / max(|y|, eps)`` and ``dy = (g - o (o . g)) / |y|``
     (for ``|y| > eps``; below it the division by eps is linear, so ``dy = g / eps``).
     """
     g = grad_out.float()
-    if normalize:
-        big = norm > NORM_EPS
-        dy = torch.where(
-            big[:, None],
-            (g - out * (out * g).sum(dim=1, keepdim=True)) / norm.clamp_min(NORM_EPS)[:, None],
-            g / NORM_EPS,
-        )
-    else:
-        dy = g
+    if not normalize:
+        return g
+    d = norm.clamp_min(NORM_EPS)[:, None]
+    return torch.where(norm[:, None] > NORM_EPS, (g - out * (out * g).sum(dim=1, keepdim=True)) / d, g / d)
+
+
+def mean_pool_backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, normalize, weighted):
+    """d hidden for ``mean_pool_forward``: every token gets ``w / den * dy`` of its row."""
+    dy = grad_of_mean(grad_out, out, norm, normalize)
     if mask is not None:
         w = token_weights_padded(mask, weighted)
         den = w.sum(dim=1, keepdim=True).clamp_min(1.0)
