@@ -350,6 +350,11 @@ def _bad_cases():
         ("batch mismatch", ValueError, "^k:", (q, torch.cat([k, k]), torch.cat([v, v])), {}),
         ("head dim too big", ValueError, "^q:", (torch.randn(1, 2, 2, 300),) * 3, {}),
         ("softmax_scale nan", ValueError, "softmax_scale", (q, k, v), dict(softmax_scale=float("nan"))),
+        # 0 gave NaN on the fused CPU path for causal rows (as PyTorch's own SDPA does)
+        ("softmax_scale zero causal", ValueError, "softmax_scale: expected a finite number > 0", (q, k, v),
+         dict(softmax_scale=0.0, causal=True)),
+        ("softmax_scale negative", ValueError, "softmax_scale", (q, k, v), dict(softmax_scale=-1.0)),
+        ("softmax_scale a string", TypeError, "softmax_scale", (q, k, v), dict(softmax_scale="0.1")),
         ("max_seqlen padded", ValueError, "max_seqlen_q", (q, k, v), dict(max_seqlen_q=4)),
         ("cu_seqlens_k alone", ValueError, "cu_seqlens_k", (q, k, v), dict(cu_seqlens_k=cu_q)),
         ("cu_seqlens dtype", TypeError, "cu_seqlens_q", (pq, pk, pv), dict(cu_seqlens_q=cu_q.long())),

@@ -5,6 +5,8 @@ All checks run before any output is allocated or written, so a rejected call has
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -54,6 +56,53 @@ def check_same_device(**tensors) -> torch.device:
         if dev != first:
             raise ValueError(f"{name}: expected a tensor on {first} like {first_name}, got {dev} (CPU/GPU mix)")
     return first
+
+
+def check_mask_args(causal, window, softmax_scale) -> tuple[int, int]:
+    """causal (bool), window ((left, right) ints >= -1) and softmax_scale (None or a finite
+    number > 0) of the attention ops -> (left, right) with right = 0 under causal.
+
+    A scale of 0 or below is rejected rather than computed: 0 makes every logit 0 and the
+    fused CPU kernel then produces NaN for causal rows, a negative one inverts the softmax.
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window: expected a pair of ints (left, right), got {window!r}")
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"window: expected values >= -1 (-1 = unbounded), got {tuple(window)}")
+    if softmax_scale is not None:
+        if not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
+            raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+        if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+            raise ValueError(f"softmax_scale: expected a finite number > 0, got {softmax_scale}")
+    return left, (0 if causal else right)
+
+
+def check_no_overlap(**outputs) -> None:
+    """Tensors written in place must not alias themselves (an expanded, stride-0 view writes
+    several rows into one slot) or each other, as PyTorch's ``index_copy_`` requires."""
+    spans = []
+    for name, t in outputs.items():
+        if t is None or t.numel() == 0:
+            continue
+        # What torch's internal-overlap check calls certain: a dim of size > 1 with stride 0.
+        # Read from shape and strides only, so that torch.compile traces it.
+        if any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
+            raise ValueError(f"{name}: written in place but its elements overlap in memory "
+                             f"(shape {tuple(t.shape)}, strides {t.stride()}: an expanded view?); "
+                             "pass a tensor with its own storage, e.g. .contiguous()")
+        if torch.compiler.is_compiling() or _is_fake(t):
+            continue  # no data pointers while tracing
+        start = t.data_ptr()
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+        spans.append((name, t.untyped_storage().data_ptr(), start, start + extent * t.element_size()))
+    for i, (n1, st1, a1, b1) in enumerate(spans):
+        for n2, st2, a2, b2 in spans[i + 1:]:
+            if st1 == st2 and a1 < b2 and a2 < b1:
+                raise ValueError(f"{n2}: written in place but shares memory with {n1}; pass separate tensors")
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:

@@ -117,19 +117,7 @@ def _validate(q, k, v, causal, window, softmax_scale, cu_q, cu_k, max_q, max_k) 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name}: expected a contiguous last (head) dimension, got strides {t.stride()}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if not (isinstance(window, (tuple, list)) and len(window) == 2
-            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
-        raise TypeError(f"window: expected a pair of ints (left, right), got {window!r}")
-    left, right = int(window[0]), int(window[1])
-    if left < -1 or right < -1:
-        raise ValueError(f"window: expected values >= -1 (-1 = unbounded), got {tuple(window)}")
-    if softmax_scale is not None:
-        if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
-            raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(softmax_scale):
-            raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
+    left, right = _checks.check_mask_args(causal, window, softmax_scale)
     if packed:
         _checks.check_tensor("cu_seqlens_q", cu_q, ndim=1, dtypes=(torch.int32,), device=q.device)
         if cu_q.numel() < 1:

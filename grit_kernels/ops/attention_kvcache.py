@@ -74,10 +74,11 @@ def attention_with_kvcache(
     Inference only: not differentiable (no backward is registered; calling backward through
     it raises). Validation happens before anything is written: a rejected call leaves the
     caches untouched. The "cache too small" check reads ``cache_seqlens`` on the host, which
-    on CUDA is one small device-to-host copy (a sync); it is skipped when the same
+    on CUDA is one small device-to-host copy (a sync); on CUDA it is skipped when the same
     ``cache_seqlens`` tensor was already checked and not modified since (the other layers
     of a decode step) and while a CUDA graph is being captured (a sync is illegal there).
-    The kernels additionally never write at or past S_max.
+    Whatever the lengths say, the kernels never read or write outside ``[0, S_max)`` of a
+    row. The caches must not alias themselves or each other (no expanded views).
     """
     left, right = _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -112,54 +113,51 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name}: the last dim (D) must be contiguous (stride 1), got strides {t.stride()}")
-    if k is not None and k_cache is v_cache:
-        raise ValueError("v_cache: must not be the same tensor as k_cache (both are written in place)")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if not isinstance(window, (tuple, list)) or len(window) != 2 or not all(
-        isinstance(w, int) and not isinstance(w, bool) for w in window
-    ):
-        raise TypeError(f"window: expected a (left, right) pair of ints, got {window!r}")
-    left, right = int(window[0]), int(window[1])
-    if left < -1 or right < -1:
-        raise ValueError(f"window: values must be >= -1 (-1 = unbounded), got {tuple(window)}")
-    if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-            raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(softmax_scale):
-            raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
-    return left, (0 if causal else right)
-
+    if k is not None:
+        _checks.check_no_overlap(k_cache=k_cache, v_cache=v_cache)
+    return _checks.check_mask_args(causal, window, softmax_scale)
 
 def _read_lengths(cache_seqlens: torch.Tensor) -> torch.Tensor:
     """(B,) int64 on the host (a device-to-host copy and sync for CUDA tensors)."""
     return cache_seqlens.detach().to("cpu", torch.int64)
 
 
-# The cache_seqlens tensor last found valid, its version counter and the bounds it was checked
-# against. A decode step calls the op once per layer with the same, unmodified lengths: only
-# the first call pays the host sync. Any in-place change (``seqlens += 1``) bumps the version.
+# The CUDA cache_seqlens tensor last found valid, its version counter and the bounds it was
+# checked against. A decode step calls the op once per layer with the same, unmodified lengths:
+# only the first call pays the host sync. Any in-place change through autograd-visible ops
+# (``seqlens += 1``) bumps the version. Changes that bypass the counter (``.data``) can skip
+# this check, but not memory safety: the kernels clamp every read and write to the capacity.
 _last_checked: tuple | None = None
+
+
+def _memo_key(cache_seqlens: torch.Tensor, bounds: tuple[int, int]):
+    """Key under which a checked CUDA lengths tensor need not be read again, or None.
+
+    CPU tensors are always read (no sync to save, and a change through ``.numpy()`` must be
+    seen). Inference tensors (made under ``torch.inference_mode``) have no version counter,
+    so they are read on every call too."""
+    if not cache_seqlens.is_cuda or cache_seqlens.is_inference():
+        return None
+    return (weakref.ref(cache_seqlens), cache_seqlens._version, bounds)
 
 
 def _check_values(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
     """0 <= cache_seqlens[b] and cache_seqlens[b] + Sq_new <= S_max, before anything is written.
 
     Reads the (B,) int32 values on the host: free for CPU tensors, one device-to-host copy
-    and stream sync on CUDA. We keep it on CUDA because an out-of-range append would
-    otherwise silently drop tokens (the kernels never write past S_max), and pay it once
-    per decode step rather than once per layer: a tensor already checked against the same
-    bounds and not modified since (same object, same version counter) is not read again.
-    Skipped under fake tensors and during CUDA graph capture, where values cannot be read.
+    and stream sync on CUDA, paid once per decode step rather than once per layer (see
+    ``_memo_key``). Skipped under fake tensors and during CUDA graph capture, where values
+    cannot be read; the kernels never read or write past S_max whatever the lengths say.
     """
     global _last_checked
     if cache_seqlens.numel() == 0 or _checks._is_fake(cache_seqlens):
         return
     if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if _last_checked is not None:
+    key = _memo_key(cache_seqlens, (S_max, Sq_new))
+    if key is not None and _last_checked is not None:
         ref_, version, bounds = _last_checked
-        if ref_() is cache_seqlens and version == cache_seqlens._version and bounds == (S_max, Sq_new):
+        if ref_() is cache_seqlens and (version, bounds) == key[1:]:
             return
     values = _read_lengths(cache_seqlens)
     if bool((values < 0).any()):
@@ -171,7 +169,8 @@ def _check_values(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
         if Sq_new:
             what = f"cache_seqlens[{b}] + Sq = {int(values[b])} + {Sq_new}"
         raise ValueError(f"cache_seqlens: {what} exceeds the cache capacity S_max = {S_max} (k_cache too small)")
-    _last_checked = (weakref.ref(cache_seqlens), cache_seqlens._version, (S_max, Sq_new))
+    if key is not None:
+        _last_checked = key
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ Same contract as grit_kernels/reference/attention_kvcache.py. Shapes: q (B, Sq, 
 * ``_combine_kernel``: merges the partials of each row, weights exp2(lse_s - max lse).
 
 Online softmax in fp32 with exp2 (scale folded with log2(e)). Keys past ``Sk_b`` are never
-loaded: every load is masked to ``n < end <= Sk_b``.
+loaded: every load is masked to ``n < end <= Sk_b``, and ``Sk_b`` itself is clamped to the
+row's capacity S_max, so a corrupt length can give a wrong answer but never a read or write
+outside the row.
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ def _append_kv_kernel(
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     pos = tl.load(seqlens_ptr + b).to(tl.int64) + s
-    # pos < S_max is checked on the host; the mask keeps a bad length from writing out of bounds.
+    # 0 <= pos < S_max is checked on the host; the mask keeps a bad length (one the host check
+    # did not see, e.g. changed behind the version counter) from writing outside the row.
     # (broadcast first: the interpreter rejects a scalar term in a mask)
-    pos_ok = (tl.zeros((BLOCK_H,), tl.int64) + pos) < S_max
+    pos_v = tl.zeros((BLOCK_H,), tl.int64) + pos
+    pos_ok = (pos_v >= 0) & (pos_v < S_max)
     ok = ((h < Hkv) & pos_ok)[:, None] & (d < D)[None, :]
     hh = h.to(tl.int64)[:, None]
     kx = tl.load(k_ptr + b * s_kb + s * s_ks + hh * s_kh + d[None, :], mask=ok)
@@ -68,7 +72,7 @@ def _attn_kernel(
     s_kb, s_ks, s_kh,
     s_vb, s_vs, s_vh,
     s_ob, s_os, s_oh,
-    B, Sq, Sq_new, Hkv, D, NUM_SPLITS, qk_scale, window_left, window_right, TUNE_KEY,
+    B, Sq, Sq_new, Hkv, D, S_max, NUM_SPLITS, qk_scale, window_left, window_right, TUNE_KEY,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -89,7 +93,10 @@ def _attn_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
 
-    seqlen = tl.load(seqlens_ptr + b) + Sq_new  # Sk_b: keys this row attends to
+    # Sk_b: keys this row attends to. Clamped to the row's capacity [0, S_max) so that no
+    # length, valid or not, makes the loads below leave the row (the host check that gives
+    # the clear error can be bypassed, e.g. lengths written through .data or under capture).
+    seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0) + Sq_new, S_max)
     off = seqlen - Sq  # query i's diagonal key is i + off (bottom-right aligned)
 
     # Keys any row of this block may see: [lo, hi).
@@ -309,7 +316,7 @@ def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        B, Sq, Sq_new, Hkv, D, num_splits, softmax_scale * LOG2E, left, right,
+        B, Sq, Sq_new, Hkv, D, S_max, num_splits, softmax_scale * LOG2E, left, right,
     )
     meta = dict(
         GROUP=group, CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=(not causal) and right >= 0,
