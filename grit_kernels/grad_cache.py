@@ -18,6 +18,7 @@ on the last chunk: earlier chunks run under ``no_sync``.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -90,10 +91,19 @@ class GradCache:
                 raise TypeError("encoders: expected a callable or a non-empty sequence of callables")
         elif not callable(self.encoders):
             raise TypeError(f"encoders: expected a callable or a sequence of callables, got {type(encoders).__name__}")
-        sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
-        if not sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in sizes):
+        def is_int(c):
+            return isinstance(c, numbers.Integral) and not isinstance(c, bool)
+
+        if is_int(chunk_sizes):
+            sizes = [chunk_sizes]
+        elif isinstance(chunk_sizes, Sequence) and not isinstance(chunk_sizes, str):
+            sizes = list(chunk_sizes)
+        else:
+            raise TypeError(f"chunk_sizes: expected a positive int or a sequence of them, got "
+                            f"{type(chunk_sizes).__name__} {chunk_sizes!r}")
+        if not sizes or not all(is_int(c) and c >= 1 for c in sizes):
             raise ValueError(f"chunk_sizes: expected positive ints, got {chunk_sizes!r}")
-        self.chunk_sizes = sizes
+        self.chunk_sizes = [int(c) for c in sizes]
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
@@ -119,6 +129,9 @@ class GradCache:
         """
         if not inputs:
             raise ValueError("inputs: expected at least one batch to encode")
+        if not torch.is_grad_enabled():
+            raise RuntimeError("GradCache.step: gradients are disabled (called under torch.no_grad() or "
+                               "torch.inference_mode()); step runs backward passes, call it with grad enabled")
         encoders = self._per_input(self.encoders, len(inputs), "encoders")
         sizes = self._per_input(self.chunk_sizes, len(inputs), "chunk_sizes")
         chunks = [_split(x, c, f"inputs[{k}]") for k, (x, c) in enumerate(zip(inputs, sizes))]
@@ -127,12 +140,12 @@ class GradCache:
         # 1. Encode every chunk without a graph, remembering the RNG state it started from.
         states, reps = [], []
         with torch.no_grad():
-            for enc, parts in zip(encoders, chunks):
+            for k, (enc, parts) in enumerate(zip(encoders, chunks)):
                 states.append([])
                 outs = []
                 for part in parts:
                     states[-1].append(_RngState.capture(devices))
-                    outs.append(_check_reps(enc(part)))
+                    outs.append(_check_reps(enc(part), part, k))
                 reps.append(torch.cat(outs).detach().requires_grad_())
 
         # 2. The loss on the full batch, backpropagated to the reps (and the loss's own
@@ -153,7 +166,7 @@ class GradCache:
                     for m in held:
                         stack.enter_context(_no_sync(m))
                     with states[k][c].replay():
-                        out = _check_reps(enc(part))
+                        out = _check_reps(enc(part), part, k)
                     g = grads[k][offset:offset + out.shape[0]]
                     offset += out.shape[0]
                     if out.requires_grad:
@@ -221,9 +234,22 @@ def _split(x, size: int, name: str) -> list:
     raise TypeError(f"{name}: expected a tensor or a mapping of tensors, got {type(x).__name__}")
 
 
-def _check_reps(out) -> torch.Tensor:
+def _rows(part) -> int:
+    if isinstance(part, torch.Tensor):
+        return part.shape[0]
+    return next(v.shape[0] for v in part.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _check_reps(out, part, k: int) -> torch.Tensor:
+    """An encoder's output for one chunk: a floating (b, ...) tensor with the chunk's b rows."""
     if not isinstance(out, torch.Tensor) or out.dim() == 0:
         raise TypeError(f"encoders: expected each call to return a (b, ...) tensor, got {type(out).__name__}")
+    if not out.is_floating_point():
+        raise TypeError(f"encoders: the encoder of inputs[{k}] returned dtype {out.dtype}; gradients need a "
+                        "floating-point tensor")
+    if out.shape[0] != _rows(part):
+        raise ValueError(f"encoders: the encoder of inputs[{k}] returned {out.shape[0]} rows for a chunk of "
+                         f"{_rows(part)}; expected one row per input row")
     return out
 
 

@@ -21,6 +21,45 @@ def assert_close_to_oracle(out, oracle_hp, oracle_lp, *, atol=1e-5, factor=2.0, 
     assert err <= bound, f"{name}: max error {err:.3e} > {factor} x reference error {ref_err:.3e} + {atol:.1e}"
 
 
+def scaled_atol(oracle_hp, dtype, ulps: float = 16.0) -> float:
+    """An absolute floor for ``assert_close_to_oracle`` that scales with the values: ``ulps``
+    units of ``dtype``'s rounding at the oracle's largest magnitude. For values of any size
+    (gradients, sums), where a bare atol like 1e-6 is too tight for large ones and says
+    nothing for tiny ones."""
+    scale = oracle_hp.double().abs().max().item() if oracle_hp.numel() else 0.0
+    return ulps * torch.finfo(dtype).eps * max(scale, torch.finfo(dtype).tiny)
+
+
+def reduction_atol(values, dtype, n_terms: int, k: float = 2.0) -> float:
+    """Rounding bound for two evaluations of one floating-point computation that differ only
+    in summation order (another chunking, blocking, thread split or process count):
+    ``k * n_terms * eps(dtype) * max|values|``, the classic n·u bound of an n-term sum
+    (Higham, Accuracy and Stability of Numerical Algorithms, 4.2) at the values' magnitude.
+    ``n_terms`` is the longest chain of additions behind one output element."""
+    v = torch.as_tensor(values).double()
+    scale = v.abs().max().item() if v.numel() else 0.0
+    return k * n_terms * torch.finfo(dtype).eps * max(scale, torch.finfo(dtype).tiny)
+
+
+def assert_close_reordered(got, want, *, n_terms: int, name: str = "output", k: float = 2.0):
+    """``got`` equals ``want`` up to ``reduction_atol``: the same computation in the same
+    precision, summed in another order. For comparisons that have no fp64 oracle at hand
+    (a distributed run against one process, a batch against its rows)."""
+    got_t, want_t = torch.as_tensor(got), torch.as_tensor(want)
+    atol = reduction_atol(want_t, want_t.dtype if want_t.is_floating_point() else torch.float32, n_terms, k)
+    torch.testing.assert_close(got_t, want_t, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_grads_close_to_oracle(got: dict, hp: dict, lp: dict, *, factor=2.0, ulps=16.0):
+    """``assert_close_to_oracle`` over dicts of gradients: each within ``factor`` times the
+    error of the same computation in low precision (``lp``) from the fp64 oracle (``hp``),
+    plus ``scaled_atol``."""
+    assert got.keys() == hp.keys() == lp.keys(), (sorted(got), sorted(hp))
+    for name in hp:
+        assert_close_to_oracle(got[name], hp[name], lp[name], factor=factor,
+                               atol=scaled_atol(hp[name], lp[name].dtype, ulps), name=name)
+
+
 def cu_seqlens_of(lengths, device="cpu") -> torch.Tensor:
     """int32 offsets (B + 1,) of sequences of the given lengths."""
     cu = [0]

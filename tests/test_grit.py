@@ -15,6 +15,7 @@ import torch
 DynamicCache = pytest.importorskip("transformers", minversion="5.0").DynamicCache
 
 import grit_models as gm
+from helpers import assert_close_reordered
 from grit_models.testing import make_checkpoint, random_texts
 
 gritlm = pytest.importorskip("gritlm")
@@ -108,14 +109,23 @@ def test_projection_embed_eos_and_return_types(ckpt, ref, ours):
     np.testing.assert_allclose(ours.encode_queries(TEXTS[:3]), ref.encode_queries(TEXTS[:3]), atol=2e-6, rtol=1e-5)
 
 
+def model_terms(model) -> int:
+    """The longest chain of fp32 additions behind one embedding element: each layer's
+    projections (hidden and MLP widths) and the pooling over the texts' tokens. Batching
+    texts differently only changes the order of those sums (matmul blocking)."""
+    cfg = model.config
+    return cfg.num_hidden_layers * (cfg.hidden_size + cfg.intermediate_size) + 256
+
+
 def test_embedding_independent_of_batch_mates(ours):
     ours.pooling_method = "mean"
     alone = ours.encode([TEXTS[3]], instruction=INSTRUCTION)[0]
     for batch_size in (1, 3, 64):
         crowd = ours.encode(TEXTS, instruction=INSTRUCTION, batch_size=batch_size)
-        np.testing.assert_allclose(crowd[3], alone, atol=1e-6, rtol=1e-6)
+        assert_close_reordered(crowd[3], alone, n_terms=model_terms(ours), name=f"batch_size={batch_size}")
     shuffled = ours.encode(TEXTS[::-1], instruction=INSTRUCTION)
-    np.testing.assert_allclose(shuffled[::-1], ours.encode(TEXTS, instruction=INSTRUCTION), atol=1e-6, rtol=1e-6)
+    assert_close_reordered(shuffled[::-1].copy(), ours.encode(TEXTS, instruction=INSTRUCTION),
+                           n_terms=model_terms(ours), name="shuffled")
 
 
 def test_get_cache_matches_gritlm(ref, ours):
@@ -278,4 +288,4 @@ def test_progress_bar_for_long_inputs(ours, capsys):
     assert "Batches" not in capsys.readouterr().err
     many = ours.encode(TEXTS * 20, batch_size=64)
     assert "Batches" in capsys.readouterr().err
-    np.testing.assert_allclose(many[:len(TEXTS)], few, atol=1e-6, rtol=1e-6)
+    assert_close_reordered(many[:len(TEXTS)], few, n_terms=model_terms(ours))
