@@ -41,9 +41,20 @@ def checkpoint_files(path) -> list[Path]:
         raise FileNotFoundError(f"model_name_or_path: {path} is not a folder (expected a local checkpoint folder)")
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            content = json.loads(index.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index}: not valid UTF-8 JSON: {e}") from None
+        if not isinstance(content, dict):
+            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map', got {type(content).__name__}")
+        weight_map = content.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: expected a non-empty 'weight_map'")
+            raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object (tensor name -> shard file)")
+        bad = {k: v for k, v in weight_map.items() if not isinstance(v, str) or not v or "/" in v or "\\" in v}
+        if bad:
+            name, value = next(iter(bad.items()))
+            raise CheckpointError(f"{index}: weight_map[{name!r}] = {value!r}; expected the file name of a shard "
+                                  f"in {path}")
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -88,6 +99,50 @@ def expected_shapes(cfg: MistralConfig, *, fused_experts: bool = False, with_lm_
     return out
 
 
+# safetensors' dtype names of the weights we accept (cast to the target dtype on load).
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _open(file: Path, device: str):
+    """``safe_open`` whose failures (truncated, empty or non-safetensors files) name the file."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device=device)
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _shape_fields(name: str, cfg: MistralConfig) -> str:
+    """Which config.json fields give the expected shape of tensor ``name``, with their values,
+    and which of them config.json left out (so transformers' default was used)."""
+    dims = {
+        "embed_tokens.weight": ("vocab_size", "hidden_size"), "lm_head.weight": ("vocab_size", "hidden_size"),
+        "q_proj.weight": ("num_attention_heads * head_dim", "hidden_size"),
+        "k_proj.weight": ("num_key_value_heads * head_dim", "hidden_size"),
+        "v_proj.weight": ("num_key_value_heads * head_dim", "hidden_size"),
+        "o_proj.weight": ("hidden_size", "num_attention_heads * head_dim"),
+        "gate_proj.weight": ("intermediate_size", "hidden_size"), "up_proj.weight": ("intermediate_size", "hidden_size"),
+        "down_proj.weight": ("hidden_size", "intermediate_size"),
+        "w1.weight": ("intermediate_size", "hidden_size"), "w3.weight": ("intermediate_size", "hidden_size"),
+        "w2.weight": ("hidden_size", "intermediate_size"),
+        "gate.weight": ("num_local_experts", "hidden_size"),
+        "gate_up_proj": ("num_local_experts", "2 * intermediate_size", "hidden_size"),
+        "experts.down_proj": ("num_local_experts", "hidden_size", "intermediate_size"),
+        "norm.weight": ("hidden_size",), "layernorm.weight": ("hidden_size",),
+    }
+    spec = next((v for k, v in dims.items() if name.endswith(k)), None)
+    if spec is None:
+        return "see config.json"
+    fields = sorted({w for d in spec for w in d.split() if w.isidentifier()})
+    values = ", ".join(f"{f}={getattr(cfg, f)}" for f in fields)
+    text = f"({', '.join(spec)}) with {values}"
+    missing = [f for f in fields if f in cfg.defaulted]
+    if missing:
+        text += f"; not in config.json, so transformers' default was used: {', '.join(missing)}"
+    return text
+
+
 def _strip(name: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
 
@@ -100,8 +155,6 @@ def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralCo
     dtype or its name. ``with_lm_head=False`` skips the output head (embedding-only use).
     Raises CheckpointError listing missing, unexpected and mis-shaped tensors.
     """
-    from safetensors import safe_open
-
     cfg = config if config is not None else MistralConfig.from_pretrained(path, strict=strict_config)
     if torch_dtype == "auto" or torch_dtype is None:
         dtype = cfg.torch_dtype or torch.float32
@@ -110,13 +163,20 @@ def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralCo
     device = torch.device(device)
     files = checkpoint_files(path)
 
-    # 1. Names and shapes from the headers only (nothing read yet).
+    # 1. Names, shapes and dtypes from the headers only (nothing read yet).
     where, shapes = {}, {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
+        with _open(f, "cpu") as sf:
             for name in sf.keys():
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
+                if _strip(name) in shapes:
+                    other = where.get(name) or where.get("model." + _strip(name)) or where.get(_strip(name))
+                    raise CheckpointError(f"{f}: tensor {name!r} is also in {other}; each tensor must be stored once")
+                dtype_name = sf.get_slice(name).get_dtype()
+                if dtype_name not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"{f}: tensor {name!r} is stored as {dtype_name}; expected floating-point "
+                                          f"weights ({', '.join(sorted(_FLOAT_DTYPES))})")
                 where[name] = f
                 shapes[_strip(name)] = tuple(sf.get_slice(name).get_shape())
     fused = any(".mlp.experts." in n for n in shapes)
@@ -124,7 +184,8 @@ def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralCo
     optional = {"lm_head.weight"}  # present in tied or embedding-only use: read nothing
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected) - optional)
-    misshaped = sorted(f"{n}: {shapes[n]} in the checkpoint, {expected[n]} expected from config.json"
+    misshaped = sorted(f"{n}: {shapes[n]} in the checkpoint, {expected[n]} expected from config.json "
+                       f"({_shape_fields(n, cfg)})"
                        for n in set(expected) & set(shapes) if shapes[n] != expected[n])
     if missing or unexpected or misshaped:
         lines = [f"checkpoint {path} does not match its config ({type(cfg).__name__}):"]
@@ -136,12 +197,14 @@ def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralCo
 
     # 2. Read tensors straight onto the device, cast, and fuse into our layout.
     full_name = {_strip(n): n for n in where}
-    handles = {f: safe_open(str(f), framework="pt", device=str(device) if device.type != "cpu" else "cpu")
-               for f in files}
+    handles = {f: _open(f, str(device) if device.type != "cpu" else "cpu") for f in files}
 
     def get(name: str) -> torch.Tensor:
         n = full_name[name]
-        return handles[where[n]].get_tensor(n).to(dtype)
+        try:
+            return handles[where[n]].get_tensor(n).to(dtype)
+        except Exception as e:  # a header that promises more bytes than the file holds
+            raise CheckpointError(f"{where[n]}: cannot read tensor {n!r}: {e}") from None
 
     sd = {"embed": get("embed_tokens.weight"), "norm.weight": get("norm.weight")}
     if with_lm_head and not cfg.tie_word_embeddings:

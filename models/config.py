@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import warnings
 from pathlib import Path
 
@@ -65,6 +67,10 @@ def parse_dtype(value, name: str = "torch_dtype") -> torch.dtype | None:
     raise ValueError(f"{name}: expected 'auto', a torch dtype or one of {sorted(_DTYPES)}, got {value!r}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 @dataclasses.dataclass
 class MistralConfig:
     """Mistral (dense) hyper-parameters, named as in Hugging Face's config.json."""
@@ -77,13 +83,16 @@ class MistralConfig:
     num_key_value_heads: int = 8
     head_dim: int | None = None            # default hidden_size // num_attention_heads
     rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6
     sliding_window: int | None = 4096      # causal passes only; None = unbounded
-    max_position_embeddings: int = 32768
+    max_position_embeddings: int = 4096 * 32
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     torch_dtype: torch.dtype | None = None  # the dtype the checkpoint was saved in
+    # Fields config.json did not give, so their transformers default above was used: named
+    # in shape errors, where a missing hidden_size is the likely cause.
+    defaulted: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     model_type = "mistral"
 
@@ -107,12 +116,21 @@ class MistralConfig:
                              f"num_attention_heads {self.num_attention_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
-            raise ValueError(f"sliding_window: expected a positive integer or null, got {self.sliding_window!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta: expected a positive number, got {self.rope_theta!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps: expected a positive number, got {self.rms_norm_eps!r}")
+        sw = self.sliding_window
+        if sw is not None and (not _is_int(sw) or sw < 1):
+            raise ValueError(f"sliding_window: expected a positive integer or null, got {sw!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"tie_word_embeddings: expected true or false, got {self.tie_word_embeddings!r}")
+        if self.bos_token_id is not None and (not _is_int(self.bos_token_id) or self.bos_token_id < 0):
+            raise ValueError(f"bos_token_id: expected a non-negative integer or null, got {self.bos_token_id!r}")
+        eos = self.eos_token_id
+        eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if not all(_is_int(e) and e >= 0 for e in eos_list):
+            raise ValueError(f"eos_token_id: expected a non-negative integer, a list of them or null, got {eos!r}")
 
     @property
     def causal_window(self) -> tuple[int, int]:
@@ -154,7 +172,7 @@ class MistralConfig:
         dtype = d.pop("torch_dtype", None) or d.pop("dtype", None)
         d.pop("dtype", None)
         kwargs = dict(torch_dtype=parse_dtype(dtype, "config.json torch_dtype"))
-        fields = {f.name for f in dataclasses.fields(target)} - {"torch_dtype"}
+        fields = {f.name for f in dataclasses.fields(target)} - {"torch_dtype", "defaulted"}
         unknown = []
         for key, value in d.items():
             if key in fields:
@@ -171,6 +189,7 @@ class MistralConfig:
             if strict:
                 raise ValueError(msg + " (pass strict=False to ignore them)")
             warnings.warn(msg, stacklevel=2)
+        kwargs["defaulted"] = frozenset(fields - set(kwargs))
         return target(**kwargs)
 
     @classmethod
@@ -182,9 +201,13 @@ class MistralConfig:
             raise FileNotFoundError(f"model_name_or_path: no config.json at {file} (a local checkpoint folder "
                                     "is expected; grit_models does not download from a hub)")
         try:
-            d = json.loads(file.read_text())
+            d = json.loads(file.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{file}: not UTF-8 text ({e}); expected a JSON config") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"config.json at {file} is not valid JSON: {e}") from None
+            raise ValueError(f"{file}: not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{file}: expected a JSON object, got {type(d).__name__}")
         return cls.from_dict(d, strict=strict)
 
 
@@ -193,6 +216,8 @@ class MixtralConfig(MistralConfig):
     """Mixtral: Mistral with a sparse mixture of SwiGLU experts in place of the MLP."""
 
     sliding_window: int | None = None
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
     num_local_experts: int = 8
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.001
@@ -205,8 +230,8 @@ class MixtralConfig(MistralConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.num_local_experts, int) or self.num_local_experts < 1:
+        if not _is_int(self.num_local_experts) or self.num_local_experts < 1:
             raise ValueError(f"num_local_experts: expected a positive integer, got {self.num_local_experts!r}")
-        if not isinstance(self.num_experts_per_tok, int) or not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+        if not _is_int(self.num_experts_per_tok) or not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"num_experts_per_tok: expected 1..num_local_experts ({self.num_local_experts}), "
                              f"got {self.num_experts_per_tok!r}")

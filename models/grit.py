@@ -146,6 +146,12 @@ class GritModel(torch.nn.Module):
                                add_special_tokens=add_special_tokens, max_length=max_length)
         if any(len(x) == 0 for x in ids):
             raise ValueError("sentences: a text tokenised to zero tokens (empty text with add_special_tokens=False)")
+        V = self.config.vocab_size
+        for i, x in enumerate(ids):  # checked here: F.embedding would fail with a bare IndexError
+            if max(x) >= V or min(x) < 0:
+                raise ValueError(f"sentences[{i}]: the tokenizer gave token id {max(x) if max(x) >= V else min(x)}, "
+                                 f"outside the model's vocabulary [0, {V}) (config.json vocab_size); the "
+                                 "tokenizer does not belong to this checkpoint")
         skip = 0
         if instruction and not embed_instruction and "mean" in self.pooling_method:
             # gritlm: the instruction tokenised on its own, with BOS, counts the masked tokens.

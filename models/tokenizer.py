@@ -24,9 +24,19 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"model_name_or_path: no tokenizer.json at {file} "
                                     "(grit_models reads the fast tokenizer file only)")
-        self._tok = _Tok.from_file(str(file))
+        try:
+            self._tok = _Tok.from_file(str(file))
+        except Exception as e:  # the Rust library's error names neither the file nor the field
+            raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
         cfg_file = file.parent / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        cfg = {}
+        if cfg_file.is_file():
+            try:
+                cfg = json.loads(cfg_file.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{cfg_file}: not valid UTF-8 JSON: {e}") from None
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
 
         def token(key, default=None):
             t = cfg.get(key, default)
