@@ -165,8 +165,20 @@ def generate(
     device = model.device
     if input_ids is None:
         raise ValueError("input_ids: required (B, S) prompt token ids")
+    if isinstance(input_ids, (str, bytes)) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                                and isinstance(input_ids[0], str)):
+        raise TypeError("input_ids: expected token ids (a (B, S) tensor or lists of ints), got text; "
+                        "tokenize it first, e.g. model.tokenizer(prompts)")
     if not isinstance(input_ids, torch.Tensor):
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple)):
+            lengths = sorted({len(r) for r in input_ids})
+            if len(lengths) > 1:
+                raise ValueError(f"input_ids: rows of different lengths {lengths}; pad them to one length "
+                                 "(left padding) and pass attention_mask with 0 on the padding")
+        try:
+            input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"input_ids: expected a (B, S) tensor or lists of ints ({e})") from None
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

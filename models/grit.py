@@ -48,7 +48,7 @@ class GritModel(torch.nn.Module):
         is_inference: bool = True,
         embed_eos: str = "",
         attn: str = "bbcc",
-        device: str = "cuda" if torch.cuda.is_available() else "cpu",
+        device: str | torch.device | None = None,
         torch_dtype="auto",
         **kwargs,
     ) -> None:
@@ -70,7 +70,7 @@ class GritModel(torch.nn.Module):
         unknown = sorted(set(kwargs) - ignored)
         if unknown:
             raise TypeError(f"GritModel: unexpected keyword arguments {unknown}")
-        self.device = torch.device(device)
+        self.device = _resolve_device(device)
         self.model = load_checkpoint(model_name_or_path, device=self.device, torch_dtype=torch_dtype,
                                      with_lm_head=mode != "embedding")
         self.config = self.model.config
@@ -233,3 +233,22 @@ class GritModel(torch.nn.Module):
 
 
 GritLM = GritModel
+
+
+def _resolve_device(device) -> torch.device:
+    """gritlm's rule for None (CUDA when available, else CPU); a named device must exist."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} asked for, but no CUDA device is available "
+                             "(torch.cuda.is_available() is False); pass device='cpu' or None")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r}, but only {torch.cuda.device_count()} CUDA devices are visible")
+    elif dev.type not in ("cpu", "meta"):
+        raise ValueError(f"device: {device!r} is not supported (expected 'cpu', 'cuda' or 'cuda:N')")
+    return dev

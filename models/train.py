@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -76,13 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a) -> None:
-    for name in ("max_steps", "batch_size", "gen_batch_size", "train_group_size"):
+    """Every numeric option, before anything is read or loaded (NaN fails every comparison,
+    so each check is written as what must hold)."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in ("max_steps", "batch_size", "gen_batch_size", "train_group_size", "query_max_len",
+                 "passage_max_len", "generative_max_len"):
         if getattr(a, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(a, name)}")
-    if a.save_steps < 0:
-        raise SystemExit(f"--save-steps: expected >= 0, got {a.save_steps}")
-    if a.lr <= 0:
-        raise SystemExit(f"--lr: expected > 0, got {a.lr}")
+            raise SystemExit(f"{flag(name)}: expected a positive integer, got {getattr(a, name)}")
+    for name in ("emb_chunk_size", "gen_chunk_size"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise SystemExit(f"{flag(name)}: expected a positive integer, got {getattr(a, name)}")
+    for name in ("save_steps", "warmup_steps"):
+        if getattr(a, name) is not None and getattr(a, name) < 0:
+            raise SystemExit(f"{flag(name)}: expected >= 0, got {getattr(a, name)}")
+    positive = ("temperature", "lr", "adam_eps", "max_shard_size_gb")
+    non_negative = ("loss_gen_factor", "weight_decay", "max_grad_norm", "router_aux_loss_coef")
+    for name in positive + non_negative:
+        v = getattr(a, name)
+        if v is None:
+            continue
+        ok = math.isfinite(v) and (v > 0 if name in positive else v >= 0)
+        if not ok:
+            want = "a finite number > 0" if name in positive else "a finite number >= 0"
+            raise SystemExit(f"{flag(name)}: expected {want}, got {v}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(a, name) < 1:
+            raise SystemExit(f"{flag(name)}: expected a value in [0, 1), got {getattr(a, name)}")
     if not 0 <= a.warmup_ratio <= 1:
         raise SystemExit(f"--warmup-ratio: expected a value in [0, 1], got {a.warmup_ratio}")
 
@@ -118,7 +140,8 @@ def train(argv=None) -> dict:
     if a.resume:
         resume = T.resolve_resume(a.resume)
         if resume is None:
-            raise SystemExit(f"--resume: {a.resume} holds no checkpoint (no training_state.pt, no 'latest' marker)")
+            raise SystemExit(f"--resume: {a.resume} holds no complete checkpoint (a checkpoint folder, or an "
+                             "output folder with checkpoint-N folders, was expected)")
 
     # Data (read and checked before the model, so that bad input fails fast).
     emb_path = a.embedding_data or (T.SAMPLE_EMBEDDING if a.generative_data is None else None)
@@ -156,6 +179,8 @@ def train(argv=None) -> dict:
     if resume:
         state = T.load_training_state(resume, module, optimizer, scheduler)
         start = state["step"]
+        if rank == 0:
+            print(f"resuming from {resume} (step {start})", file=sys.stderr)
     step_fn = T.GritStep(module, T.StepConfig(
         temperature=a.temperature, normalized=a.normalized, negatives_cross_device=a.negatives_cross_device,
         emb_chunk_size=a.emb_chunk_size, gen_chunk_size=a.gen_chunk_size,
@@ -165,6 +190,8 @@ def train(argv=None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.json").write_text(json.dumps(vars(a), indent=2, default=str))
     log_path = Path(a.log_file) if a.log_file else out_dir / "log.jsonl"
+    if rank == 0 and log_path.is_file():
+        _drop_logged_steps_after(log_path, start)  # a resume repeats those steps: log them once
     bar = None
     if a.progress and rank == 0:
         from tqdm import tqdm
@@ -204,6 +231,21 @@ def train(argv=None) -> dict:
     if bar is not None:
         bar.close()
     return {"history": history, "output_dir": str(out_dir)}
+
+
+def _drop_logged_steps_after(log_path: Path, step: int) -> None:
+    """Keep the log's lines of steps <= ``step`` (all but what this run will log again)."""
+    kept = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by a kill
+        if isinstance(entry_step, int) and entry_step <= step:
+            kept.append(line)
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, log_path)
 
 
 def main(argv=None) -> int:

@@ -289,3 +289,24 @@ def test_progress_bar_for_long_inputs(ours, capsys):
     many = ours.encode(TEXTS * 20, batch_size=64)
     assert "Batches" in capsys.readouterr().err
     assert_close_reordered(many[:len(TEXTS)], few, n_terms=model_terms(ours))
+
+
+def test_device_none_and_a_missing_gpu(ckpt):
+    """device=None is gritlm's default (CUDA when available, else CPU); asking for a CUDA
+    device that is not there says so instead of failing inside the loader."""
+    model = gm.GritModel(str(ckpt), device=None)
+    assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda' asked for, but no CUDA device is available"):
+            gm.GritModel(str(ckpt), device="cuda")
+    with pytest.raises(ValueError, match="device: 'tpu9' is not a device"):
+        gm.GritModel(str(ckpt), device="tpu9")
+
+
+def test_generate_rejects_text_and_ragged_prompts(ours):
+    with pytest.raises(TypeError, match="input_ids: expected token ids .* got text"):
+        ours.generate("what is the capital of france ?")
+    with pytest.raises(TypeError, match="input_ids: expected token ids .* got text"):
+        ours.generate(["a prompt", "another"])
+    with pytest.raises(ValueError, match=r"input_ids: rows of different lengths \[2, 3\]; pad them"):
+        ours.generate([[1, 5, 6], [1, 7]], max_new_tokens=2)

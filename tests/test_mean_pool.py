@@ -110,16 +110,33 @@ def test_packed_forward_backward(backend, dtype, lengths, skips, normalize, weig
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
-def test_tokens_past_last_row_get_zero_grad_and_are_ignored(backend):
+def test_tokens_past_the_last_row_are_rejected(backend):
+    """cu_seqlens must cover every packed token, as attention requires: trailing tokens are
+    more likely a wrong offset than padding to ignore."""
     h, cu, skip = packed_inputs([4, 3], [1, 0], 16, torch.float32)
-    h = torch.cat([h, torch.full((5, 16), 1e30)])  # trailing tokens outside every row
-    x = h.clone().requires_grad_()
-    out = mean_pool(x, cu_seqlens=cu, skip=skip)
-    assert torch.isfinite(out).all()
-    want = ref.mean_pool_packed(h[:7], cu, skip)
-    torch.testing.assert_close(out, want, **out_tol(want, 4 + 16))
-    out.sum().backward()
-    assert torch.equal(x.grad[7:], torch.zeros(5, 16))
+    h = torch.cat([h, torch.full((5, 16), 1e30)])
+    with pytest.raises(ValueError, match="cu_seqlens: last entry 7 must equal the 12 packed tokens"):
+        mean_pool(h, cu_seqlens=cu, skip=skip)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("layout", ["B=0", "S=0", "T=0"])
+def test_empty_inputs(backend, layout):
+    """Empty batches give empty or zero outputs on every backend (the cuda backend once read
+    an empty tensor's null pointer as a missing argument)."""
+    D = 8
+    if layout == "B=0":
+        args, kw, B = (torch.randn(0, 5, D), torch.ones(0, 5)), {}, 0
+    elif layout == "S=0":
+        args, kw, B = (torch.randn(3, 0, D), torch.ones(3, 0)), {}, 3
+    else:
+        args, kw, B = (torch.randn(0, D),), dict(cu_seqlens=cu_seqlens_of([0, 0]), skip=torch.zeros(2, dtype=torch.int32)), 2
+    x = args[0].clone().requires_grad_()
+    for normalize in (False, True):
+        out = mean_pool(x, *args[1:], normalize=normalize, **kw)
+        assert out.shape == (B, D) and torch.equal(out, torch.zeros(B, D))
+        out.sum().backward()
+        assert x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)

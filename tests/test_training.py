@@ -8,6 +8,7 @@ for GradCache and for 2-process gloo runs (DDP and FSDP2).
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import socket
@@ -600,3 +601,86 @@ def test_sample_data_is_valid():
     assert len(emb) >= 24 and len(gen) >= 24
     assert all(e.neg for e in emb)
     assert sys.modules["grit_models.training"].SAMPLE_EMBEDDING.is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# reliability: atomic checkpoints, resume, log, data encodings, option values
+# ---------------------------------------------------------------------------------------
+
+
+def test_killed_resave_leaves_the_old_checkpoint_and_resume_finds_it(ckpt, tmp_path, monkeypatch):
+    """Resuming into the same output folder re-saves checkpoint-4; a kill while writing it
+    (simulated: torch.save of the training state raises) must leave the earlier checkpoints
+    intact and `latest` naming a complete one, and --resume OUT must pick it."""
+    steps = ["--max-steps", "4", "--lr", "1e-3", "--warmup-steps", "1", "--save-steps", "2"]
+    out = tmp_path / "out"
+    _train(ckpt, out, *steps)
+    before = (out / "checkpoint-4" / "model.safetensors").read_bytes()
+
+    real_save = torch.save
+
+    def killed(obj, f, *a, **k):
+        if str(f).endswith("training_state.pt"):
+            raise KeyboardInterrupt("killed while saving")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _train(ckpt, out, *steps, "--resume", str(out / "checkpoint-2"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (out / "latest").read_text() == "checkpoint-4"
+    assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == before
+    assert T.is_complete_checkpoint(out / "checkpoint-4")
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".partial-")]
+    assert leftovers, "the simulated kill should have left a partial folder behind"
+    with pytest.warns(UserWarning, match=r"ignoring incomplete checkpoint folders .*\.partial-checkpoint-4"):
+        assert T.resolve_resume(out) == out / "checkpoint-4"
+
+
+def test_resume_skips_a_half_written_latest(ckpt, tmp_path):
+    """A folder `latest` names but that lacks its training state (written in place by an
+    older version and killed) is skipped for the newest complete one, with a warning."""
+    out = tmp_path / "out"
+    _train(ckpt, out, "--max-steps", "4", "--save-steps", "2")
+    (out / "checkpoint-4" / "training_state.pt").unlink()
+    with pytest.warns(UserWarning, match="checkpoint-4"):
+        assert T.resolve_resume(out) == out / "checkpoint-2"
+    shutil.rmtree(out / "checkpoint-2")
+    with pytest.warns(UserWarning):
+        assert T.resolve_resume(out) is None
+    with pytest.warns(UserWarning), pytest.raises(SystemExit, match="--resume: .* holds no complete checkpoint"):
+        _train(ckpt, tmp_path / "again", "--max-steps", "4", "--resume", str(out))
+
+
+def test_log_does_not_repeat_steps_after_resume(ckpt, tmp_path):
+    out = tmp_path / "out"
+    steps = ["--max-steps", "4", "--save-steps", "2"]
+    _train(ckpt, out, *steps)
+    _train(ckpt, out, *steps, "--resume", str(out / "checkpoint-2"))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_data_with_a_byte_order_mark_and_bad_utf8(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (GOOD_EMB + "\n").encode())
+    assert len(T.load_embedding_data(bom)) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes((GOOD_EMB + "\n").encode() + b'{"query": "caf\xe9"}\n')
+    with pytest.raises(T.DataError, match=r"bad\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 15\)"):
+        T.load_embedding_data(bad)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--temperature", "0"), ("--temperature", "-1"), ("--temperature", "nan"), ("--loss-gen-factor", "nan"),
+    ("--loss-gen-factor", "-1"), ("--lr", "inf"), ("--max-grad-norm", "nan"), ("--adam-beta1", "1"),
+    ("--adam-eps", "0"), ("--weight-decay", "nan"), ("--emb-chunk-size", "0"), ("--warmup-steps", "-1"),
+    ("--query-max-len", "0"), ("--router-aux-loss-coef", "nan"),
+])
+def test_bad_option_values_fail_before_the_model_loads(tmp_path, option, value):
+    """The model path does not exist: an error about it would mean the values were not
+    checked first."""
+    from grit_models.train import train
+
+    with pytest.raises(SystemExit, match=f"^{option}: expected"):
+        train(["--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out"), option, value])

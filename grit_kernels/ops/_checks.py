@@ -106,7 +106,8 @@ def check_no_overlap(**outputs) -> None:
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
-    """cu_seqlens: 1-D int32, starts at 0, non-decreasing, last entry <= total tokens.
+    """cu_seqlens: 1-D int32, starts at 0, non-decreasing, last entry == total tokens (every
+    packed token belongs to a sequence: attention and mean_pool agree on this).
 
     Reads the values (a host sync on CUDA tensors); ops call it only where the contract
     requires validating values, and skip it under torch.compile's fake tensors.
@@ -121,8 +122,8 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
         raise ValueError(f"{name}: expected the first entry to be 0, got {int(values[0])}")
     if values.numel() > 1 and bool((values[1:] < values[:-1]).any()):
         raise ValueError(f"{name}: expected non-decreasing offsets, got {values.tolist()[:16]}")
-    if int(values[-1]) > total:
-        raise ValueError(f"{name}: last entry {int(values[-1])} exceeds the {total} packed tokens")
+    if int(values[-1]) != total:
+        raise ValueError(f"{name}: last entry {int(values[-1])} must equal the {total} packed tokens")
 
 
 def _is_fake(t: torch.Tensor) -> bool:

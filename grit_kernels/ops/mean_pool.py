@@ -215,6 +215,10 @@ def _cuda_forward(hidden, mask, cu_seqlens, skip, normalize, weighted):
     B, S, D, T = _layout(hidden, mask, cu_seqlens)
     weights = _padded_weights(mask, weighted) if mask is not None else None
     f32 = dict(dtype=torch.float32, device=hidden.device)
+    if B == 0 or hidden.numel() == 0:
+        # Nothing to read: every row pools nothing (zeros, like the other backends). csrc is
+        # not called, since an empty tensor's null data pointer reads as a missing argument.
+        return torch.zeros((B, D), **f32), torch.zeros((B,), **f32), torch.zeros((B,), **f32)
     out, norm, den = torch.empty((B, D), **f32), torch.empty((B,), **f32), torch.empty((B,), **f32)
     common = dict(
         hidden=ptr(hidden), weights=ptr(weights), cu_seqlens=ptr(cu_seqlens), skip=ptr(skip),
@@ -240,6 +244,8 @@ def _cuda_backward(hidden, mask, cu_seqlens, skip, dy, den, weighted):
     C = _backend.C()
     B, S, D, T = _layout(hidden, mask, cu_seqlens)
     weights = _padded_weights(mask, weighted) if mask is not None else None
+    if B == 0 or hidden.numel() == 0:
+        return torch.zeros_like(hidden)  # see _cuda_forward
     dhidden = torch.empty_like(hidden)
     den = den.contiguous()
     common = dict(
