@@ -7,6 +7,7 @@ Environment:
   GRIT_BUILD_JOBS       parallel compile jobs (default: CPU count)
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -61,24 +63,61 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         jobs = os.environ.get("GRIT_BUILD_JOBS", str(os.cpu_count() or 1))
-        subprocess.check_call(cfg)
+        # --fresh: a cache from an earlier build names the cmake/ninja of that build's
+        # isolated environment, which pip has deleted since; reconfiguring from scratch makes
+        # a second `pip install .` / `pip wheel .` from the same checkout work.
+        subprocess.check_call(cfg + ["--fresh"])
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
 
 
+class BuildPy(build_py):
+    """Says once per build (not once per setup.py hook) whether _C is built."""
+
+    def run(self):
+        if skip_reason:
+            print(f"grit-kernels: not building grit_kernels._C because {skip_reason}; installing the "
+                  "Python/Triton package only (python -m grit_kernels shows this later too)", file=sys.stderr)
+        super().run()
+
+
 skip_reason = cuda_skip_reason()
-if skip_reason:
-    print(f"grit-kernels: not building grit_kernels._C because {skip_reason}; installing the Python/Triton package only")
+# What this build did with csrc, read back by `python -m grit_kernels` (pip hides build output).
+BUILD_INFO = ROOT / "grit_kernels" / "_build_info.json"
+BUILD_INFO.write_text(json.dumps({
+    "C_extension": "skipped" if skip_reason else "built",
+    "reason": skip_reason,
+    "cuda_archs": None if skip_reason else os.environ.get("GRIT_CUDA_ARCHS", "80;90"),
+    "nvcc": None if skip_reason else find_nvcc(),
+}, indent=1) + "\n")
 
 setup(
     name="grit-kernels",
     version="0.1.0",
     description="Fused CUDA C++ and Triton kernels and a minimal Mistral/Mixtral for GRIT models",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE"],
+    keywords=["flash-attention", "triton", "cuda", "embeddings", "gritlm", "mixtral", "mistral"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: MIT License",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     packages=find_packages(include=["grit_kernels", "grit_kernels.*"]) + ["grit_models"],
     package_dir={"grit_models": "models"},
-    package_data={"grit_models": ["data/*.jsonl"]},  # the sample training data
+    package_data={"grit_models": ["data/*.jsonl"],  # the sample training data
+                  "grit_kernels": ["_build_info.json"]},
     ext_modules=[] if skip_reason else [CMakeExtension("grit_kernels._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     install_requires=[
         "torch>=2.5",
         "triton>=3.1; platform_system == 'Linux'",

@@ -7,7 +7,6 @@ reports the median of both and their ratio. Suites are listed in ``bench/__main_
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import time
@@ -15,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+# The card's roofline lives in the package (python -m grit_kernels reports it too).
+from grit_kernels._device import roofline  # noqa: F401  (re-exported for the suites)
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Case:
     flops: float | None = None   # FLOPs of one call (flash-attn's formulas)
     bytes: float | None = None   # fewest bytes one call must move
     extra: dict = field(default_factory=dict)
+    threads: int = 1             # CPU threads for this case (op microbenchmarks: one)
 
 
 @dataclass
@@ -38,15 +41,42 @@ class Skipped:
 
 
 @dataclass
+class Stats:
+    """Per-call times of one implementation: median and interquartile range, in ms."""
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    reps: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+
+# A row is marked noisy when either side's interquartile range exceeds this share of its
+# median: its ratio then says less than its digits suggest.
+NOISY_SPREAD = 0.25
+
+
+@dataclass
 class Result:
     op: str
     shape: str
     backend: str
     device: str
     median_ms: float
+    q1_ms: float | None = None
+    q3_ms: float | None = None
+    reps: int = 0
+    threads: int | None = None          # CPU threads the case ran with (None on GPU)
     baseline_name: str = ""
     baseline_ms: float | None = None
-    speedup: float | None = None       # baseline time / our time
+    baseline_q1_ms: float | None = None
+    baseline_q3_ms: float | None = None
+    baseline_reps: int = 0
+    speedup: float | None = None       # baseline time / our time (medians)
+    noisy: bool = False                # a spread too wide to support the ratio
     tflops: float | None = None
     gbps: float | None = None
     roofline_pct: float | None = None  # of the card's bf16 FLOP/s or memory bandwidth
@@ -73,95 +103,79 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, *, budget_s: float = 0.5, min_reps: int = 5,
-            max_reps: int = 200) -> float:
-    """Median seconds per call. CUDA: events around each call after a warm-up, L2 not flushed
-    between calls (like triton.testing.do_bench's default); CPU: perf_counter."""
+def _time_one(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call. CUDA: events around the call (L2 not flushed between calls, like
+    triton.testing.do_bench's default); CPU: perf_counter."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
     fn()
-    sync(device)
+    return time.perf_counter() - t0
+
+
+def _stats(times: list[float]) -> Stats:
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+    return Stats(med * 1e3, q1 * 1e3, q3 * 1e3, len(times))
+
+
+def _settled(times: list[float], rel: float) -> bool:
+    """The median's standard error (from the IQR, as for a normal sample) is below ``rel``
+    of the median."""
+    s = _stats(times)
+    se = 1.2533 * (s.q3_ms - s.q1_ms) / 1.349 / len(times) ** 0.5
+    return se <= rel * s.median_ms
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, baseline: Callable[[], Any] | None = None,
+            budget_s: float = 0.5, min_reps: int = 11, max_reps: int = 1000,
+            rel: float = 0.01) -> tuple[Stats, Stats | None]:
+    """Times ``fn`` and ``baseline`` alternately (one call of each per round, so both see the
+    same machine state) until both medians are settled to ``rel`` or ``budget_s`` is spent,
+    after at least ``min_reps`` rounds. Returns (stats of fn, stats of baseline or None)."""
+    fns = [fn] + ([baseline] if baseline is not None else [])
+    for f in fns:  # warm-up: compilation, autotuning, allocator
+        f()
+        sync(device)
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    fn()
-    sync(device)
-    once = max(time.perf_counter() - start, 1e-6)
-    reps = int(max(min_reps, min(max_reps, budget_s / once)))
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-# Datasheet numbers (dense bf16 tensor-core FLOP/s, memory bandwidth), the fallback when the
-# device cannot be queried.
-DATASHEET = {
-    "H100": dict(flops=989e12, bandwidth=3.35e12),
-    "H200": dict(flops=989e12, bandwidth=4.8e12),
-    "A100": dict(flops=312e12, bandwidth=2.0e12),
-}
-# Dense bf16 FLOPs per SM per clock by compute capability major (Ampere 2048, Hopper 4096:
-# 989e12 / (132 SMs * 1.83 GHz)).
-FLOPS_PER_SM_CLOCK = {8: 2048, 9: 4096}
-
-
-@functools.lru_cache(maxsize=None)
-def roofline(device_str: str) -> dict:
-    """{'name', 'flops', 'bandwidth', 'source'} for the device (None values on CPU)."""
-    device = torch.device(device_str)
-    if device.type != "cuda":
-        return dict(name="cpu", flops=None, bandwidth=None, source="cpu: no roofline")
-    props = torch.cuda.get_device_properties(device)
-    name = props.name
-    try:
-        from cuda.bindings import runtime as cudart
-
-        idx = device.index or 0
-
-        def attr(a):
-            err, value = cudart.cudaDeviceGetAttribute(a, idx)
-            if err != cudart.cudaError_t.cudaSuccess:
-                raise RuntimeError(str(err))
-            return value
-
-        A = cudart.cudaDeviceAttr
-        mem_khz = attr(A.cudaDevAttrMemoryClockRate)
-        bus_bits = attr(A.cudaDevAttrGlobalMemoryBusWidth)
-        sm_khz = attr(A.cudaDevAttrClockRate)
-        sms = attr(A.cudaDevAttrMultiProcessorCount)
-        bandwidth = 2 * mem_khz * 1e3 * bus_bits / 8  # double data rate
-        per_clock = FLOPS_PER_SM_CLOCK.get(props.major)
-        flops = sms * sm_khz * 1e3 * per_clock if per_clock else None
-        if flops is None:
-            flops = _datasheet(name).get("flops")
-        return dict(name=name, flops=flops, bandwidth=bandwidth, source="cuda.bindings device query")
-    except Exception as e:  # cuda-python missing or the query failed
-        sheet = _datasheet(name)
-        return dict(name=name, flops=sheet.get("flops"), bandwidth=sheet.get("bandwidth"),
-                    source=f"datasheet ({type(e).__name__}: {e})")
-
-
-def _datasheet(name: str) -> dict:
-    for key, value in DATASHEET.items():
-        if key in name:
-            return value
-    return {}
+    while True:
+        for f, ts in zip(fns, times):
+            ts.append(_time_one(f, device))
+        n = len(times[0])
+        if n >= max_reps:
+            break
+        if n >= min_reps and (time.perf_counter() - start >= budget_s or all(_settled(ts, rel) for ts in times)):
+            break
+    stats = [_stats(ts) for ts in times]
+    return stats[0], (stats[1] if baseline is not None else None)
 
 
 def run_case(case: Case, device: torch.device, budget_s: float) -> Result:
-    t = measure(case.fn, device, budget_s=budget_s)
-    res = Result(op=case.op, shape=case.shape, backend=case.backend, device=str(device), median_ms=t * 1e3,
-                 extra=dict(case.extra))
-    if case.baseline is not None:
-        tb = measure(case.baseline, device, budget_s=budget_s)
-        res.baseline_name, res.baseline_ms, res.speedup = case.baseline_name, tb * 1e3, tb / t
+    """Measure one case. On the CPU the case's thread count is pinned for its duration (one
+    thread unless the case says otherwise) and recorded."""
+    threads = None
+    saved = torch.get_num_threads()
+    if device.type == "cpu":
+        threads = case.threads
+        torch.set_num_threads(threads)
+    try:
+        ours, base = measure(case.fn, device, baseline=case.baseline, budget_s=budget_s)
+    finally:
+        torch.set_num_threads(saved)
+    t = ours.median_ms / 1e3
+    res = Result(op=case.op, shape=case.shape, backend=case.backend, device=str(device), median_ms=ours.median_ms,
+                 q1_ms=ours.q1_ms, q3_ms=ours.q3_ms, reps=ours.reps, threads=threads, extra=dict(case.extra))
+    res.noisy = ours.spread > NOISY_SPREAD
+    if base is not None:
+        res.baseline_name, res.baseline_ms = case.baseline_name, base.median_ms
+        res.baseline_q1_ms, res.baseline_q3_ms, res.baseline_reps = base.q1_ms, base.q3_ms, base.reps
+        res.speedup = base.median_ms / ours.median_ms
+        res.noisy = res.noisy or base.spread > NOISY_SPREAD
     roof = roofline(str(device))
     if case.flops:
         res.tflops = case.flops / t / 1e12

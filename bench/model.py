@@ -35,21 +35,6 @@ EMBED = "<|embed|>\n"
 N_NEW = 16
 
 
-def _with_threads(fn, n: int | None):
-    """fn run with n torch threads (restored afterwards); n None = unchanged."""
-    if n is None:
-        return fn
-
-    def call():
-        old = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            return fn()
-        finally:
-            torch.set_num_threads(old)
-    return call
-
-
 def _model_size(device: torch.device, quick: bool) -> dict:
     if device.type == "cuda":
         return dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4 if quick else 8,
@@ -217,6 +202,5 @@ def cases(device: torch.device, quick: bool):
         baseline_name="transformers generate", extra=dict(new_tokens=B * n_new),
     ))
     for case in out:
-        case.fn = _with_threads(case.fn, threads)
-        case.baseline = _with_threads(case.baseline, threads)
+        case.threads = threads or 1  # run_case pins (and records) the count on the CPU
     return out

@@ -91,6 +91,29 @@ def _unavailable_reason(backend: str, device_type: str, supported: tuple[str, ..
     return None
 
 
+def explain(op: str, device_type: str, supported: tuple[str, ...] = BACKENDS) -> tuple[str | None, str]:
+    """(backend ``select`` would pick, why), or (None, the error it would raise): for
+    ``python -m grit_kernels``. Nothing is compiled or launched."""
+    want = forced()
+    if want is not None:
+        reason = _unavailable_reason(want, device_type, supported)
+        if reason is not None:
+            return None, f"GRIT_BACKEND={want} is unavailable: {reason}"
+        return want, f"forced by GRIT_BACKEND={want}"
+    if device_type == "cuda":
+        why = []
+        for candidate in ("cuda", "triton"):
+            if candidate not in supported:
+                continue
+            reason = _unavailable_reason(candidate, device_type, supported)
+            if reason is None:
+                first = "the preferred kernel" if not why else "; ".join(why)
+                return candidate, first
+            why.append(f"not {candidate}: {reason}")
+        return "torch", "; ".join(why) or "no GPU kernel for this op"
+    return "torch", "CPU tensors run PyTorch (reference or fused CPU kernels)"
+
+
 def select(op: str, device_type: str, supported: tuple[str, ...] = BACKENDS) -> str:
     """Pick the backend for one call of ``op`` on tensors of ``device_type``.
 

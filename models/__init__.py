@@ -18,16 +18,31 @@ Usage (a local HF checkpoint folder: config.json, *.safetensors, tokenizer.json)
     out = model.generate(input_ids, attention_mask, max_new_tokens=64)   # prompt + new tokens
 """
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import MistralConfig, MixtralConfig
-from .generation import KVPrefix, generate
-from .grit import GritLM, GritModel, gritlm_instruction_format
-from .mistral import KVCache, Transformer
-from .rag import cache_documents, cache_query, rag_generate
-from .tokenizer import Tokenizer
+import importlib
 
-__all__ = [
-    "CheckpointError", "GritLM", "GritModel", "KVCache", "KVPrefix", "MistralConfig", "MixtralConfig",
-    "Tokenizer", "Transformer", "cache_documents", "cache_query", "generate", "gritlm_instruction_format",
-    "load_checkpoint", "rag_generate",
-]
+# public name -> module defining it. Resolved on first use, so that light entry points
+# (``python -m grit_models.train --help``) do not import torch.
+_API = {
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint",
+    "MistralConfig": "config", "MixtralConfig": "config",
+    "KVPrefix": "generation", "generate": "generation",
+    "GritLM": "grit", "GritModel": "grit", "gritlm_instruction_format": "grit",
+    "KVCache": "mistral", "Transformer": "mistral",
+    "cache_documents": "rag", "cache_query": "rag", "rag_generate": "rag",
+    "Tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'grit_models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

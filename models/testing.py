@@ -118,3 +118,28 @@ def random_texts(n: int, min_words: int = 1, max_words: int = 40, seed: int = 0)
     """``n`` texts of known words with lengths spread over [min_words, max_words]."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def main(argv=None) -> int:
+    """``python -m grit_models.testing OUT``: a tiny random GRIT checkpoint to try GritModel,
+    the trainer and the benchmarks without a model hub (needs transformers)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m grit_models.testing", description=main.__doc__.split("\n")[0])
+    p.add_argument("out", help="folder to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--arch", choices=("mistral", "mixtral"), default="mistral", help="default: mistral")
+    p.add_argument("--seed", type=int, default=0, help="weights' seed (default: 0)")
+    args = p.parse_args(argv)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        p.error("needs transformers (pip install transformers) to write the checkpoint")
+    path = make_checkpoint(args.out, args.arch, seed=args.seed)
+    cfg = tiny_config(args.arch)
+    print(f"wrote a random {args.arch} checkpoint (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
+          f"vocabulary {cfg['vocab_size']} words) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,57 +22,78 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from .options import LOSS_GEN_TYPES, MODES, POOLING_METHODS
 
-from . import training as T
+# torch and the trainer are imported inside train(): `--help` and a bad option answer at once.
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, including those given without a help text, and none
+    where the help text already says what the default means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m grit_models.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     p.add_argument("--model", required=True, help="local HF checkpoint folder (Mistral or Mixtral)")
     p.add_argument("--embedding-data", default=None, help="embedding JSONL (default: the bundled sample)")
     p.add_argument("--generative-data", default=None, help="generative JSONL (default: the bundled sample)")
-    p.add_argument("--mode", choices=T.MODES, default="unified")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--mode", choices=MODES, default="unified", help="which losses to train")
+    p.add_argument("--output-dir", required=True, help="checkpoints, log.jsonl and args.json go here")
+    p.add_argument("--max-steps", type=int, default=100, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=8, help="global embedding batch (queries) per step")
     p.add_argument("--gen-batch-size", type=int, default=8, help="global generative batch (sequences) per step")
     p.add_argument("--emb-chunk-size", type=int, default=None,
                    help="GradCache chunk per GPU (rows per forward); default: no GradCache")
-    p.add_argument("--gen-chunk-size", type=int, default=None, help="generative sequences per forward per GPU")
+    p.add_argument("--gen-chunk-size", type=int, default=None,
+                   help="generative sequences per forward per GPU (default: the whole local batch)")
     p.add_argument("--train-group-size", type=int, default=2, help="1 positive + (G-1) hard negatives per query")
-    p.add_argument("--query-max-len", type=int, default=256)
-    p.add_argument("--passage-max-len", type=int, default=2048)
-    p.add_argument("--generative-max-len", type=int, default=2048)
-    p.add_argument("--temperature", type=float, default=0.02)
-    p.add_argument("--no-normalized", dest="normalized", action="store_false")
-    p.add_argument("--pooling-method", choices=("mean", "weightedmean"), default="mean")
-    p.add_argument("--no-negatives-cross-device", dest="negatives_cross_device", action="store_false")
-    p.add_argument("--loss-gen-type", choices=T.LOSS_GEN_TYPES, default="mixed")
-    p.add_argument("--loss-gen-factor", type=float, default=1.0)
-    p.add_argument("--router-aux-loss-coef", type=float, default=None, help="Mixtral; default: config.json's")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--adam-beta1", type=float, default=0.9)
-    p.add_argument("--adam-beta2", type=float, default=0.999)
-    p.add_argument("--adam-eps", type=float, default=1e-8)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--query-max-len", type=int, default=256, help="tokens per query")
+    p.add_argument("--passage-max-len", type=int, default=2048, help="tokens per passage")
+    p.add_argument("--generative-max-len", type=int, default=2048, help="tokens per generative sequence")
+    p.add_argument("--temperature", type=float, default=0.02, help="contrastive loss temperature")
+    p.add_argument("--no-normalized", dest="normalized", action="store_false",
+                   help="do not L2-normalise embeddings in the loss")
+    p.add_argument("--pooling-method", choices=POOLING_METHODS, default="mean", help="embedding pooling")
+    p.add_argument("--no-negatives-cross-device", dest="negatives_cross_device", action="store_false",
+                   help="score queries against their own rank's documents only")
+    p.add_argument("--loss-gen-type", choices=LOSS_GEN_TYPES, default="mixed",
+                   help="gritlm's generative loss averaging")
+    p.add_argument("--loss-gen-factor", type=float, default=1.0, help="weight of the generative loss")
+    p.add_argument("--router-aux-loss-coef", type=float, default=None,
+                   help="Mixtral's router loss weight (default: config.json's)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW eps")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 disables it")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps (default: --warmup-ratio of --max-steps)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up share of --max-steps")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward")
     p.add_argument("--strategy", choices=("auto", "none", "ddp", "fsdp"), default="auto",
-                   help="auto: ddp under torchrun (WORLD_SIZE > 1), else none")
-    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: on GPU)")
-    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+                   help="auto: ddp under torchrun (WORLD_SIZE > 1), else none; default: auto")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast (default: auto, on for GPUs)")
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps, 0: only at the end")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the saved weights (default: the fp32 master weights; another dtype "
                         "makes resuming inexact)")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="safetensors shard size")
-    p.add_argument("--resume", default=None, help="an output dir (its latest checkpoint) or a checkpoint folder")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--log-file", default=None, help="JSON lines of per-step losses (default OUT/log.jsonl)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--resume", default=None, help="an output dir (its newest complete checkpoint) or a checkpoint folder")
+    p.add_argument("--seed", type=int, default=42, help="data order and initial RNG state")
+    p.add_argument("--log-file", default=None, help="JSON lines of per-step losses (default: OUT/log.jsonl)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (a one-line summary is still printed at the end)")
     return p
 
 
@@ -110,6 +131,8 @@ def _check_args(a) -> None:
 
 
 def _setup_distributed():
+    import torch
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -128,6 +151,10 @@ def train(argv=None) -> dict:
     """Run training; returns {"history": [per-step dict], "output_dir": ...}."""
     a = build_parser().parse_args(argv)
     _check_args(a)
+    import torch
+
+    from . import training as T
+
     device = _setup_distributed()
     rank, world = T._dist()
     strategy = a.strategy if a.strategy != "auto" else ("ddp" if world > 1 else "none")
@@ -199,6 +226,7 @@ def train(argv=None) -> dict:
         bar = tqdm(total=a.max_steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     history = []
+    t_start = time.perf_counter()
     module.train()
     for step in range(start, a.max_steps):
         t0 = time.perf_counter()
@@ -230,7 +258,14 @@ def train(argv=None) -> dict:
                                   max_shard_bytes=int(a.max_shard_size_gb * 2**30))
     if bar is not None:
         bar.close()
-    return {"history": history, "output_dir": str(out_dir)}
+    saved = out_dir / f"checkpoint-{a.max_steps}"
+    if rank == 0:
+        last = history[-1] if history else {}
+        losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss_emb", "loss_gen") if k in last)
+        ran = f"steps {start + 1}-{a.max_steps}" if history else f"no step (already at step {start})"
+        print(f"trained {ran} in {time.perf_counter() - t_start:.1f} s" + (f"; last step: {losses}" if losses else "")
+              + f"; checkpoint: {saved if history else resume}; log: {log_path}", file=sys.stderr)
+    return {"history": history, "output_dir": str(out_dir), "checkpoint": str(saved if history else resume)}
 
 
 def _drop_logged_steps_after(log_path: Path, step: int) -> None:
@@ -251,11 +286,15 @@ def _drop_logged_steps_after(log_path: Path, step: int) -> None:
 def main(argv=None) -> int:
     try:
         train(argv)
-    except (T.DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        T = sys.modules.get(f"{__package__}.training")
+        if isinstance(e, FileNotFoundError) or (T is not None and isinstance(e, T.DataError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
 
