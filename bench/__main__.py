@@ -39,7 +39,7 @@ SUITES = ["mean_pool", "attention", "attention_kvcache", "contrastive_loss", "mo
 # Seconds each suite took on a 2-core CPU machine (python -m bench, default and --full): the
 # ETA's prior for suites not started yet; a running suite's ETA uses its own pace.
 CPU_SECONDS = {
-    "quick": dict(mean_pool=3, attention=6, attention_kvcache=3, contrastive_loss=3, moe=4, model=25, training=6),
+    "quick": dict(mean_pool=4, attention=8, attention_kvcache=4, contrastive_loss=6, moe=4, model=60, training=8),
     "full": dict(mean_pool=5, attention=20, attention_kvcache=8, contrastive_loss=8, moe=15, model=750, training=60),
 }
 
@@ -75,9 +75,10 @@ def print_table(results, skipped, roof) -> None:
         print(f"\nskipped {len(skipped)} benchmark(s):")
         for s in skipped:
             print(f"  {s.op} [{s.shape}]: {s.reason}")
-    print("\nratio = baseline median / our median, both timed alternately in this run; thr = CPU threads;")
-    print(f"IQR = interquartile range (ms); n = repeats; ~ = a spread over {NOISY_SPREAD:.0%} of the median on "
-          "either side: the ratio is not reliable.")
+    print("\nratio = median over rounds of baseline time / our time, one call of each per round, in this run;")
+    print("thr = CPU threads;")
+    print(f"IQR = interquartile range (ms); n = repeats; ~ = per-round ratios spread (IQR) over {NOISY_SPREAD:.0%} "
+          "of their median: the ratio is not reliable.")
 
 
 def plot(results, path: Path, device_name: str) -> bool:
@@ -94,6 +95,8 @@ def plot(results, path: Path, device_name: str) -> bool:
     import math
     import textwrap
 
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
     with_ratio = [r for r in results if r.speedup is not None]
     if not with_ratio:
         print("no result with a baseline: no plot written")
@@ -103,19 +106,23 @@ def plot(results, path: Path, device_name: str) -> bool:
         groups.setdefault(r.op.split()[0], []).append(r)
     roof_rows = [r for r in results if r.roofline_pct is not None]
     panels = list(groups.items()) + ([("% of roofline", roof_rows)] if roof_rows else [])
-    cols = 2 if len(panels) > 1 else 1
-    nrows = math.ceil(len(panels) / cols)
-    heights = [max(len(panels[i][1]) for i in range(r * cols, min((r + 1) * cols, len(panels)))) for r in range(nrows)]
-    # A size that fits a screen: ~0.32 in per bar, at most 11 in tall at 100 dpi.
-    fig_h = min(11.0, 1.2 + sum(0.32 * h + 0.7 for h in heights))
-    fig, axes = plt.subplots(nrows, cols, figsize=(16, fig_h), squeeze=False,
-                             gridspec_kw=dict(height_ratios=[h + 1.5 for h in heights]))
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    for i, (ax, (title, rows)) in enumerate(zip(axes.flat, panels)):
-        slots = heights[i // cols]  # same bar thickness across a row of panels
+    # Layout: panels of many rows get a full-width row of their own, the others go two per
+    # row; each grid row is as tall as its longest panel (~0.32 in per bar).
+    big = [pn for pn in panels if len(pn[1]) > 6]
+    small = [pn for pn in panels if len(pn[1]) <= 6]
+    grid = [[pn] for pn in big] + [small[i:i + 2] for i in range(0, len(small), 2)]
+    heights = [max(len(pn[1]) for pn in row) for row in grid]
+    fig_h = min(11.0, 1.0 + sum(0.32 * h + 0.8 for h in heights))
+    fig = plt.figure(figsize=(16, fig_h))
+    gs = fig.add_gridspec(len(grid), 2, height_ratios=[h + 1.6 for h in heights])
+    placed = []
+    for gi, row in enumerate(grid):
+        if len(row) == 1 and row[0] in big:
+            placed.append((fig.add_subplot(gs[gi, :]), row[0], heights[gi]))
+        else:
+            for ci, pn in enumerate(row):
+                placed.append((fig.add_subplot(gs[gi, ci]), pn, heights[gi]))
+    for ax, (title, rows), slots in placed:  # slots: same bar thickness across a grid row
         labels = ["\n".join(textwrap.wrap(f"{' '.join(r.op.split()[1:]) or r.op} | {r.shape} | {r.backend}", 60))
                   for r in rows]
         y = range(len(rows))
@@ -138,15 +145,15 @@ def plot(results, path: Path, device_name: str) -> bool:
             ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
             ax.axvline(1.0, color="black", linewidth=1)
-            ax.set_xlabel("speed-up over the same-run baseline (log scale): blue faster, orange slower, "
-                          "gray noisy", fontsize=8)
+            ax.set_xlabel("speed-up vs the same-run baseline (log scale)", fontsize=8)
             texts = [f"{'~' if r.noisy else ''}{v:.2f}x" for r, v in zip(rows, vals)]
         for yi, v, t in zip(y, vals, texts):
             ax.text(v, yi, " " + t, va="center", fontsize=8)
         ax.set_yticks(list(y), labels, fontsize=7)
         ax.set_ylim(slots - 0.5, -0.5)  # top to bottom, in table order
         ax.set_title(title, fontsize=10, loc="left")
-    fig.suptitle(f"grit-kernels on {device_name}", fontsize=12)
+    fig.suptitle(f"grit-kernels on {device_name}: ratio = baseline time / ours (blue faster, orange slower, "
+                 "gray noisy)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -186,7 +193,7 @@ def main(argv=None) -> int:
     size.add_argument("--full", action="store_true", help="the full sweep (the default on a GPU)")
     p.add_argument("--out", default=str(Path(__file__).parent / "out"), help="output folder")
     p.add_argument("--budget", type=float, default=None,
-                   help="timing budget per case, seconds (default: 2 on the CPU; on a GPU 0.3 quick, 0.5 full)")
+                   help="timing budget per case, seconds (default: 4 on the CPU; on a GPU 0.3 quick, 0.5 full)")
     args = p.parse_args(argv)
 
     if args.device is not None:
@@ -202,7 +209,7 @@ def main(argv=None) -> int:
     # CPU: the representative (quick) shapes unless --full; GPU: full unless --quick.
     quick = args.quick or (device.type == "cpu" and not args.full)
     # CPU timings need more repeats than GPU ones to settle (thread wake-ups, other processes).
-    budget = args.budget if args.budget is not None else (2.0 if device.type == "cpu" else (0.3 if quick else 0.5))
+    budget = args.budget if args.budget is not None else (4.0 if device.type == "cpu" else (0.3 if quick else 0.5))
     roof = roofline(str(device))
     suites = args.suite or SUITES
     out = Path(args.out)

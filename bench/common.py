@@ -54,8 +54,8 @@ class Stats:
         return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
 
-# A row is marked noisy when either side's interquartile range exceeds this share of its
-# median: its ratio then says less than its digits suggest.
+# A row is marked noisy when the interquartile range of its per-round ratios exceeds this
+# share of their median: the ratio then says less than its digits suggest.
 NOISY_SPREAD = 0.25
 
 
@@ -75,8 +75,10 @@ class Result:
     baseline_q1_ms: float | None = None
     baseline_q3_ms: float | None = None
     baseline_reps: int = 0
-    speedup: float | None = None       # baseline time / our time (medians)
-    noisy: bool = False                # a spread too wide to support the ratio
+    speedup: float | None = None       # median over rounds of baseline time / our time
+    speedup_q1: float | None = None    # interquartile range of the per-round ratios
+    speedup_q3: float | None = None
+    noisy: bool = False                # the per-round ratios spread too wide to support the median
     tflops: float | None = None
     gbps: float | None = None
     roofline_pct: float | None = None  # of the card's bf16 FLOP/s or memory bandwidth
@@ -132,27 +134,46 @@ def _settled(times: list[float], rel: float) -> bool:
 
 
 def measure(fn: Callable[[], Any], device: torch.device, *, baseline: Callable[[], Any] | None = None,
-            budget_s: float = 0.5, min_reps: int = 11, max_reps: int = 1000,
-            rel: float = 0.01) -> tuple[Stats, Stats | None]:
+            budget_s: float = 0.5, min_reps: int = 11, max_reps: int = 100_000,
+            rel: float = 0.005) -> tuple[Stats, Stats | None, float | None]:
     """Times ``fn`` and ``baseline`` alternately (one call of each per round, so both see the
-    same machine state) until both medians are settled to ``rel`` or ``budget_s`` is spent,
-    after at least ``min_reps`` rounds. Returns (stats of fn, stats of baseline or None)."""
+    same machine state) until the medians and the median of the per-round ratios are settled
+    to ``rel`` or ``budget_s`` is spent, after at least ``min_reps`` rounds.
+
+    Returns (stats of fn, stats of baseline or None, stats of the ratio or None): the ratio
+    series is baseline time / fn time per round (its "ms" fields hold plain ratios). Pairing each call with its neighbour cancels the
+    slow drifts of a shared machine (another process, frequency changes) that a ratio of two
+    separate medians keeps."""
     fns = [fn] + ([baseline] if baseline is not None else [])
-    for f in fns:  # warm-up: compilation, autotuning, allocator
+    for f in fns:  # first calls: compilation, autotuning, allocator
         f()
         sync(device)
+    # Warm-up rounds, discarded: caches, branch predictors and the CPU's clock settle.
+    warm_until = time.perf_counter() + 0.1 * budget_s
+    while time.perf_counter() < warm_until:
+        for f in fns:
+            _time_one(f, device)
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     while True:
-        for f, ts in zip(fns, times):
-            ts.append(_time_one(f, device))
+        # ABBA order: each side runs first in every other round, so neither always finds the
+        # caches as the other left them.
+        order = range(len(fns)) if len(times[0]) % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            times[i].append(_time_one(fns[i], device))
         n = len(times[0])
         if n >= max_reps:
             break
-        if n >= min_reps and (time.perf_counter() - start >= budget_s or all(_settled(ts, rel) for ts in times)):
-            break
+        if n >= min_reps:
+            series = times + ([[b / a for a, b in zip(*times)]] if baseline is not None else [])
+            if time.perf_counter() - start >= budget_s or all(_settled(ts, rel) for ts in series):
+                break
     stats = [_stats(ts) for ts in times]
-    return stats[0], (stats[1] if baseline is not None else None)
+    if baseline is None:
+        return stats[0], None, None
+    ratios = [b / a for a, b in zip(*times)]
+    r = _stats(ratios)  # in "ms" units of a unitless series: scaled back below
+    return stats[0], stats[1], Stats(r.median_ms / 1e3, r.q1_ms / 1e3, r.q3_ms / 1e3, r.reps)
 
 
 def run_case(case: Case, device: torch.device, budget_s: float) -> Result:
@@ -164,18 +185,17 @@ def run_case(case: Case, device: torch.device, budget_s: float) -> Result:
         threads = case.threads
         torch.set_num_threads(threads)
     try:
-        ours, base = measure(case.fn, device, baseline=case.baseline, budget_s=budget_s)
+        ours, base, ratio = measure(case.fn, device, baseline=case.baseline, budget_s=budget_s)
     finally:
         torch.set_num_threads(saved)
     t = ours.median_ms / 1e3
     res = Result(op=case.op, shape=case.shape, backend=case.backend, device=str(device), median_ms=ours.median_ms,
                  q1_ms=ours.q1_ms, q3_ms=ours.q3_ms, reps=ours.reps, threads=threads, extra=dict(case.extra))
-    res.noisy = ours.spread > NOISY_SPREAD
     if base is not None:
         res.baseline_name, res.baseline_ms = case.baseline_name, base.median_ms
         res.baseline_q1_ms, res.baseline_q3_ms, res.baseline_reps = base.q1_ms, base.q3_ms, base.reps
-        res.speedup = base.median_ms / ours.median_ms
-        res.noisy = res.noisy or base.spread > NOISY_SPREAD
+        res.speedup, res.speedup_q1, res.speedup_q3 = ratio.median_ms, ratio.q1_ms, ratio.q3_ms
+        res.noisy = ratio.spread > NOISY_SPREAD
     roof = roofline(str(device))
     if case.flops:
         res.tflops = case.flops / t / 1e12
