@@ -39,7 +39,7 @@ SUITES = ["mean_pool", "attention", "attention_kvcache", "contrastive_loss", "mo
 # Seconds each suite took on a 2-core CPU machine (python -m bench, default and --full): the
 # ETA's prior for suites not started yet; a running suite's ETA uses its own pace.
 CPU_SECONDS = {
-    "quick": dict(mean_pool=4, attention=8, attention_kvcache=4, contrastive_loss=6, moe=4, model=60, training=8),
+    "quick": dict(mean_pool=4, attention=8, attention_kvcache=4, contrastive_loss=6, moe=4, model=90, training=8),
     "full": dict(mean_pool=5, attention=20, attention_kvcache=8, contrastive_loss=8, moe=15, model=750, training=60),
 }
 

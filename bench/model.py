@@ -49,19 +49,43 @@ def _model_size(device: torch.device, quick: bool) -> dict:
 _CKPT: dict = {}
 
 
-def _checkpoint(device, quick) -> tuple[Path, dict]:
+# What each backbone adds to the common size (bench rows compare backbones at equal size).
+BACKBONES = {
+    "mistral": dict(sliding_window=None),
+    "llama": dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=512), rope_theta=500000.0),
+    "qwen2": dict(),  # q/k/v biases
+}
+
+
+def _checkpoint(device, quick, arch: str = "mistral") -> tuple[Path, dict]:
     from grit_models.testing import make_checkpoint
 
     size = _model_size(device, quick)
-    key = tuple(sorted(size.items()))
+    key = (arch, *sorted(size.items()))
     if key not in _CKPT:
         size = dict(size)
         dtype = size.pop("dtype")
         path = Path(tempfile.mkdtemp(prefix="grit_bench_")) / "ckpt"
-        make_checkpoint(path, "mistral", dtype=dtype, init_std=0.02, max_position_embeddings=8192,
-                        sliding_window=None, **size)
+        make_checkpoint(path, arch, dtype=dtype, init_std=0.02, max_position_embeddings=8192,
+                        **BACKBONES[arch], **size)
         _CKPT[key] = path
     return _CKPT[key], _model_size(device, quick)
+
+
+def _gritlm(gritlm, path, device, dtype, arch):
+    ref = gritlm.GritLM(str(path), device=str(device), dtype=dtype)
+    ref.model.generation_config.max_length = None
+    if arch == "qwen2":
+        # transformers 5 loads qwen2 checkpoints with Qwen2Tokenizer whatever tokenizer_config
+        # says, which mangles the bench's word-level tokenizer: give gritlm the checkpoint's
+        # own tokenizer.json, as grit_models reads it (tests/test_backbones.py does the same).
+        from transformers import PreTrainedTokenizerFast
+
+        ref.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>", pad_token="</s>",
+                                                padding_side="right")
+    return ref
 
 
 def _encode_flops(size: dict, lengths) -> float:
@@ -135,8 +159,7 @@ def cases(device: torch.device, quick: bool):
     path, size = _checkpoint(device, quick)
     dtype = getattr(torch, size["dtype"])
     ours = gm.GritModel(str(path), device=str(device))
-    ref = gritlm.GritLM(str(path), device=str(device), dtype=dtype)
-    ref.model.generation_config.max_length = None
+    ref = _gritlm(gritlm, path, device, dtype, "mistral")
     threads = int(os.environ.get("GRIT_BENCH_THREADS", "1")) if device.type == "cpu" else None
     backend = f"grit_models ({size['dtype']}" + (f", {threads} thread{'s' if threads > 1 else ''})" if threads else ")")
     dims = f"D={size['hidden_size']} layers={size['num_hidden_layers']}"
@@ -150,7 +173,7 @@ def cases(device: torch.device, quick: bool):
     lengths = [len(x) for x in ours.tokenizer.encode_batch(corpus, max_length=512)]
     bs = 32 if device.type == "cpu" else 128
     out.append(Case(
-        "model encode", f"N={n_texts} L={min(lengths)}..{max(lengths)} bs={bs} {dims}", backend,
+        "model encode", f"N={n_texts} L={min(lengths)}..{max(lengths)} bs={bs} {dims} mistral", backend,
         fn=lambda: ours.encode(corpus, batch_size=bs, max_length=512, convert_to_tensor=True),
         baseline=lambda: ref.encode(corpus, batch_size=bs, max_length=512, convert_to_tensor=True),
         baseline_name="gritlm.GritLM.encode", flops=_encode_flops(size, lengths),
@@ -196,11 +219,33 @@ def cases(device: torch.device, quick: bool):
     ref.tokenizer.padding_side = "right"
     gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=ref.tokenizer.pad_token_id)
     out.append(Case(
-        "model generate", f"B={B} prompt={inputs['input_ids'].shape[1]} new={n_new} {dims}", backend,
+        "model generate", f"B={B} prompt={inputs['input_ids'].shape[1]} new={n_new} {dims} mistral", backend,
         fn=lambda: ours.generate(**inputs, **gen),
         baseline=lambda: ref.model.generate(**inputs, **gen),
         baseline_name="transformers generate", extra=dict(new_tokens=B * n_new),
     ))
+    # 4. the other backbones at the same size: encode and generate beside Mistral's rows
+    for arch in ("llama", "qwen2"):
+        bpath, _ = _checkpoint(device, quick, arch)
+        b_ours = gm.GritModel(str(bpath), device=str(device))
+        b_ref = _gritlm(gritlm, bpath, device, dtype, arch)
+        out.append(Case(
+            "model encode", f"N={n_texts} L={min(lengths)}..{max(lengths)} bs={bs} {dims} {arch}", backend,
+            fn=lambda m=b_ours: m.encode(corpus, batch_size=bs, max_length=512, convert_to_tensor=True),
+            baseline=lambda r=b_ref: r.encode(corpus, batch_size=bs, max_length=512, convert_to_tensor=True),
+            baseline_name="gritlm.GritLM.encode", flops=_encode_flops(size, lengths),
+            extra=dict(texts=n_texts, tokens=sum(lengths), arch=arch),
+        ))
+        b_ref.tokenizer.padding_side = "left"
+        b_inputs = b_ref.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        b_ref.tokenizer.padding_side = "right"
+        b_gen = dict(gen, pad_token_id=b_ref.tokenizer.pad_token_id)
+        out.append(Case(
+            "model generate", f"B={B} prompt={b_inputs['input_ids'].shape[1]} new={n_new} {dims} {arch}", backend,
+            fn=lambda m=b_ours, i=b_inputs, k=b_gen: m.generate(**i, **k),
+            baseline=lambda r=b_ref, i=b_inputs, k=b_gen: r.model.generate(**i, **k),
+            baseline_name="transformers generate", extra=dict(new_tokens=B * n_new, arch=arch),
+        ))
     for case in out:
         case.threads = threads or 1  # run_case pins (and records) the count on the CPU
     return out

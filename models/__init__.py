@@ -1,6 +1,7 @@
-"""grit_models: a minimal Mistral/Mixtral and GritModel on top of grit_kernels.
+"""grit_models: a minimal Mistral/Mixtral/Llama/Qwen2 and GritModel on top of grit_kernels.
 
-    MistralConfig, MixtralConfig   from an HF config.json (``.from_pretrained(path)``)
+    MistralConfig, MixtralConfig,  from an HF config.json (``MistralConfig.from_pretrained(path)``
+    LlamaConfig, Qwen2Config       picks the class from model_type)
     load_checkpoint(path)          HF safetensors (single or sharded) -> Transformer
     Tokenizer                      the checkpoint's tokenizer.json, BOS added like the original
     GritModel (alias GritLM)       drop-in for gritlm.GritLM: encode, encode_queries/corpus, generate
@@ -24,7 +25,7 @@ import importlib
 # (``python -m grit_models.train --help``) do not import torch.
 _API = {
     "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint",
-    "MistralConfig": "config", "MixtralConfig": "config",
+    "MistralConfig": "config", "MixtralConfig": "config", "LlamaConfig": "config", "Qwen2Config": "config",
     "KVPrefix": "generation", "generate": "generation",
     "GritLM": "grit", "GritModel": "grit", "gritlm_instruction_format": "grit",
     "KVCache": "mistral", "Transformer": "mistral",

@@ -1,4 +1,5 @@
-"""Load Hugging Face safetensors checkpoints (single file or sharded) into ``Transformer``.
+"""Load Hugging Face safetensors checkpoints (single file or sharded) into ``Transformer``
+(Mistral, Mixtral, Llama, Qwen2).
 
 The model is built on the meta device and its parameters are assigned from the tensors read
 through ``safetensors.safe_open`` (memory-mapped) on the target device, cast to the target
@@ -8,7 +9,8 @@ Tensor names accepted (``model.`` prefix optional: embedding-only checkpoints la
     embed_tokens.weight, norm.weight, lm_head.weight (absent when tied)
     layers.N.{input_layernorm,post_attention_layernorm}.weight
     layers.N.self_attn.{q,k,v,o}_proj.weight
-    Mistral: layers.N.mlp.{gate,up,down}_proj.weight
+    Llama (attention_bias) / Qwen2: layers.N.self_attn.{q,k,v}_proj.bias (+ o_proj.bias for Llama)
+    Mistral, Llama, Qwen2: layers.N.mlp.{gate,up,down}_proj.weight (+ .bias with Llama's mlp_bias)
     Mixtral: layers.N.block_sparse_moe.gate.weight, layers.N.block_sparse_moe.experts.E.w{1,2,3}.weight
              (hub layout) or layers.N.mlp.gate.weight, layers.N.mlp.experts.{gate_up_proj,down_proj}
              (transformers 5's fused layout)
@@ -84,9 +86,17 @@ def expected_shapes(cfg: MistralConfig, *, fused_experts: bool = False, with_lm_
             p + "self_attn.q_proj.weight": (Hq * K, D), p + "self_attn.k_proj.weight": (Hk * K, D),
             p + "self_attn.v_proj.weight": (Hk * K, D), p + "self_attn.o_proj.weight": (D, Hq * K),
         })
+        if cfg.qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (Hq * K,), p + "self_attn.k_proj.bias": (Hk * K,),
+                        p + "self_attn.v_proj.bias": (Hk * K,)})
+        if cfg.o_bias:
+            out[p + "self_attn.o_proj.bias"] = (D,)
         if not cfg.is_moe:
             out.update({p + "mlp.gate_proj.weight": (Fh, D), p + "mlp.up_proj.weight": (Fh, D),
                         p + "mlp.down_proj.weight": (D, Fh)})
+            if cfg.mlp_has_bias:
+                out.update({p + "mlp.gate_proj.bias": (Fh,), p + "mlp.up_proj.bias": (Fh,),
+                            p + "mlp.down_proj.bias": (D,)})
         elif fused_experts:
             E = cfg.num_local_experts
             out.update({p + "mlp.gate.weight": (E, D), p + "mlp.experts.gate_up_proj": (E, 2 * Fh, D),
@@ -130,6 +140,10 @@ def _shape_fields(name: str, cfg: MistralConfig) -> str:
         "gate_up_proj": ("num_local_experts", "2 * intermediate_size", "hidden_size"),
         "experts.down_proj": ("num_local_experts", "hidden_size", "intermediate_size"),
         "norm.weight": ("hidden_size",), "layernorm.weight": ("hidden_size",),
+        "q_proj.bias": ("num_attention_heads * head_dim",), "k_proj.bias": ("num_key_value_heads * head_dim",),
+        "v_proj.bias": ("num_key_value_heads * head_dim",), "o_proj.bias": ("hidden_size",),
+        "gate_proj.bias": ("intermediate_size",), "up_proj.bias": ("intermediate_size",),
+        "down_proj.bias": ("hidden_size",),
     }
     spec = next((v for k, v in dims.items() if name.endswith(k)), None)
     if spec is None:
@@ -215,9 +229,16 @@ def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralCo
         sd[o + "mlp_norm.weight"] = get(p + "post_attention_layernorm.weight")
         sd[o + "attn.wqkv"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
         sd[o + "attn.wo"] = get(p + "self_attn.o_proj.weight")
+        if cfg.qkv_bias:
+            sd[o + "attn.bqkv"] = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        if cfg.o_bias:
+            sd[o + "attn.bo"] = get(p + "self_attn.o_proj.bias")
         if not cfg.is_moe:
             sd[o + "mlp.w13"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
             sd[o + "mlp.w2"] = get(p + "mlp.down_proj.weight")
+            if cfg.mlp_has_bias:
+                sd[o + "mlp.b13"] = torch.cat([get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")])
+                sd[o + "mlp.b2"] = get(p + "mlp.down_proj.bias")
         elif fused:
             w13 = get(p + "mlp.experts.gate_up_proj")
             sd[o + "mlp.gate"] = get(p + "mlp.gate.weight")

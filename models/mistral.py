@@ -1,4 +1,9 @@
-"""Mistral and Mixtral on packed token batches, attention mode chosen per call.
+"""Mistral, Mixtral, Llama and Qwen2 on packed token batches, attention mode chosen per call.
+
+The four share one decoder layer; what differs comes from the config: MoE (Mixtral), q/k/v(/o)
+and MLP biases (Llama's attention_bias/mlp_bias, Qwen2's q/k/v biases), RoPE scaling (Llama 3's
+llama3, linear, dynamic), tied embeddings, and the causal window per layer (Mistral: every
+layer; Qwen2: the layers its layer_types mark; Llama: none).
 
 Shape legend (suffixes on tensor names, as in torchtitan):
     T  packed tokens of all sequences, back to back     B  sequences (batch rows)
@@ -20,6 +25,8 @@ Weights are held fused where that saves GEMM launches: ``wqkv`` = [q; k; v] rows
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,13 +51,65 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, seq_len: int | None = None,
+                  max_positions: int | None = None) -> torch.Tensor:
+    """(head_dim / 2,) fp32 RoPE frequencies, computed with the same fp32 operations as
+    transformers' ROPE_INIT_FUNCTIONS (so the tables are bit-identical).
+
+    ``scaling``: None, or {"rope_type": "linear" | "llama3" | "dynamic", ...}. ``dynamic``
+    depends on the sequence length ``seq_len`` (NTK scaling past ``max_positions``)."""
+    # On the CPU explicitly: the model is built under torch.device("meta") by the loader.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "dynamic":
+        factor = scaling["factor"]
+        seq = torch.maximum(torch.tensor(seq_len if seq_len is not None else max_positions, device="cpu"),
+                            torch.tensor(max_positions, device="cpu"))
+        base = theta * ((factor * seq / max_positions) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** exponents)
+    inv_freq = 1.0 / (theta ** exponents)
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
 class Rotary:
     """RoPE tables (fp32), grown on demand and kept per device. Positions index the table, so
-    a cache computed at positions 0..L-1 keeps them when it is later reused (gritlm's rule)."""
+    a cache computed at positions 0..L-1 keeps them when it is later reused (gritlm's rule).
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int):
-        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+    Dynamic NTK scaling follows transformers' state machine: a call whose positions reach
+    past the longest length seen so far recomputes the frequencies for that length, and one
+    back within the original length restores them (keys already cached keep the rotation
+    they were computed with, as in transformers)."""
+
+    def __init__(self, cfg):
+        self.head_dim, self.theta, self.max_positions = cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings
+        self.scaling = cfg.rope_scaling
+        self.dynamic = (self.scaling or {}).get("rope_type") == "dynamic"
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, max_positions=self.max_positions)
+        self.original_inv_freq = self.inv_freq
+        self.max_seq_len_cached = self.max_positions
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _update_dynamic(self, seq_len: int) -> None:
+        if seq_len > self.max_seq_len_cached:  # growth
+            self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, seq_len, self.max_positions)
+            self.max_seq_len_cached = seq_len
+            self._tables.clear()
+        if seq_len < self.max_positions and self.max_seq_len_cached > self.max_positions:  # reset
+            self.inv_freq = self.original_inv_freq
+            self.max_seq_len_cached = self.max_positions
+            self._tables.clear()
 
     def _table(self, n: int, device: torch.device):
         cos, sin = self._tables.get(device, (None, None))
@@ -60,8 +119,7 @@ class Rotary:
             n = max(n, min(self.max_positions, 4096), 2 * cos.shape[0] if cos is not None else 0)
             # Same fp32 arithmetic as HF's rotary embedding, so the tables are bit-identical.
             # Only the first half is kept: HF's cos/sin repeat it for the second half.
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
-            freqs = torch.arange(n, device=device).float()[:, None] * inv_freq.to(device)[None, :]
+            freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device)[None, :]
             cos, sin = freqs.cos(), freqs.sin()
             self._tables[device] = (cos, sin)
         return cos, sin
@@ -69,9 +127,12 @@ class Rotary:
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype, bound: int | None = None):
         """cos, sin of shape positions.shape + (1, K/2) in ``dtype`` (broadcast over heads).
 
-        ``bound`` > every position spares reading ``positions.max()`` (a host sync on GPU)."""
-        if bound is None:
+        ``bound`` > every position spares reading ``positions.max()`` (a host sync on GPU);
+        dynamic scaling reads the exact maximum, since its frequencies depend on it."""
+        if bound is None or self.dynamic:
             bound = int(positions.max()) + 1 if positions.numel() else 1
+        if self.dynamic:
+            self._update_dynamic(bound)
         cos, sin = self._table(bound, positions.device)
         return cos[positions].to(dtype).unsqueeze(-2), sin[positions].to(dtype).unsqueeze(-2)
 
@@ -104,16 +165,20 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: MistralConfig):
+    def __init__(self, cfg: MistralConfig, layer: int = 0):
         super().__init__()
         self.n_q, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.wqkv = nn.Parameter(torch.empty((self.n_q + 2 * self.n_kv) * self.head_dim, cfg.hidden_size))
+        n_qkv = (self.n_q + 2 * self.n_kv) * self.head_dim
+        self.wqkv = nn.Parameter(torch.empty(n_qkv, cfg.hidden_size))
         self.wo = nn.Parameter(torch.empty(cfg.hidden_size, self.n_q * self.head_dim))
-        self.causal_window = cfg.causal_window
+        # Llama (attention_bias) and Qwen2 add biases; None when the config has none.
+        self.bqkv = nn.Parameter(torch.empty(n_qkv)) if cfg.qkv_bias else None
+        self.bo = nn.Parameter(torch.empty(cfg.hidden_size)) if cfg.o_bias else None
+        self.causal_window = cfg.layer_window(layer)
 
     def _qkv(self, x: torch.Tensor, cos, sin):
         """x (..., D) -> q (..., Hq, K), k and v (..., Hk, K), RoPE applied to q and k."""
-        qkv = F.linear(x, self.wqkv).unflatten(-1, (self.n_q + 2 * self.n_kv, self.head_dim))
+        qkv = F.linear(x, self.wqkv, self.bqkv).unflatten(-1, (self.n_q + 2 * self.n_kv, self.head_dim))
         # One rotary pass over the q and k heads together (half the elementwise launches).
         qk = apply_rotary(qkv[..., :self.n_q + self.n_kv, :], cos, sin)
         return qk[..., :self.n_q, :], qk[..., self.n_q:, :], qkv[..., self.n_q + self.n_kv:, :]
@@ -129,14 +194,14 @@ class Attention(nn.Module):
             q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
             max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
         )
-        return F.linear(o.flatten(-2), self.wo)
+        return F.linear(o.flatten(-2), self.wo, self.bo)
 
     def forward_cached(self, x_BSD, cos, sin, k_cache, v_cache, seqlens):
         q, k, v = self._qkv(x_BSD, cos, sin)
         o = grit_kernels.attention_with_kvcache(
             q, k_cache, v_cache, seqlens, k=k.contiguous(), v=v.contiguous(), causal=True, window=self.causal_window,
         )
-        return F.linear(o.flatten(-2), self.wo)
+        return F.linear(o.flatten(-2), self.wo, self.bo)
 
 
 class MLP(nn.Module):
@@ -146,10 +211,13 @@ class MLP(nn.Module):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(2 * cfg.intermediate_size, cfg.hidden_size))
         self.w2 = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size))
+        # Llama's mlp_bias; None otherwise.
+        self.b13 = nn.Parameter(torch.empty(2 * cfg.intermediate_size)) if cfg.mlp_has_bias else None
+        self.b2 = nn.Parameter(torch.empty(cfg.hidden_size)) if cfg.mlp_has_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2)
+        gate, up = F.linear(x, self.w13, self.b13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2, self.b2)
 
 
 class MoE(nn.Module):
@@ -189,10 +257,10 @@ class Block(nn.Module):
     residual wiring is written: the model's passes and training's per-layer calls (FSDP2
     shards, checkpointing) all go through ``forward``."""
 
-    def __init__(self, cfg: MistralConfig):
+    def __init__(self, cfg: MistralConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe else MLP(cfg)
 
@@ -228,13 +296,13 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # A tied head shares the embedding tensor (set by the loader), so it is no parameter here.
         self.lm_head = (nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
                         if with_lm_head and not cfg.tie_word_embeddings else None)
         self.has_lm_head = with_lm_head
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        self.rotary = Rotary(cfg)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -73,8 +73,12 @@ def tiny_config(arch: str = "mistral", **overrides) -> dict:
     )
     if arch == "mixtral":
         cfg.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96)
+    elif arch in ("llama", "qwen2"):
+        del cfg["sliding_window"]  # Llama has none; Qwen2's is switched on by use_sliding_window
+        if arch == "llama":
+            cfg.update(head_dim=24)  # head_dim != hidden / heads (16), as Llama configs allow
     elif arch != "mistral":
-        raise ValueError(f"arch: expected 'mistral' or 'mixtral', got {arch!r}")
+        raise ValueError(f"arch: expected 'mistral', 'mixtral', 'llama' or 'qwen2', got {arch!r}")
     cfg.update(overrides)
     return cfg
 
@@ -94,7 +98,9 @@ def make_checkpoint(path, arch: str = "mistral", *, seed: int = 0, max_shard_siz
     path.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(arch, **config_overrides)
     cls = dict(mistral=(transformers.MistralConfig, transformers.MistralForCausalLM),
-               mixtral=(transformers.MixtralConfig, transformers.MixtralForCausalLM))[arch]
+               mixtral=(transformers.MixtralConfig, transformers.MixtralForCausalLM),
+               llama=(transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               qwen2=(transformers.Qwen2Config, transformers.Qwen2ForCausalLM))[arch]
     torch.manual_seed(seed)
     model = cls[1](cls[0](**cfg))
     with torch.no_grad():
@@ -127,7 +133,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m grit_models.testing", description=main.__doc__.split("\n")[0])
     p.add_argument("out", help="folder to write (config.json, model.safetensors, tokenizer files)")
-    p.add_argument("--arch", choices=("mistral", "mixtral"), default="mistral", help="default: mistral")
+    p.add_argument("--arch", choices=("mistral", "mixtral", "llama", "qwen2"), default="mistral",
+                   help="default: mistral")
     p.add_argument("--seed", type=int, default=0, help="weights' seed (default: 0)")
     args = p.parse_args(argv)
     try:

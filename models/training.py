@@ -640,7 +640,7 @@ def warmup_linear(warmup_steps: int, total_steps: int):
 
 
 def hf_state_dict(sd: dict, cfg: MistralConfig) -> dict:
-    """Our parameter names (``Transformer.state_dict()``) -> HF Mistral/Mixtral tensor names,
+    """Our parameter names (``Transformer.state_dict()``) -> HF Mistral/Mixtral/Llama/Qwen2 tensor names,
     un-fusing wqkv and w13: the inverse of ``load_checkpoint``'s mapping."""
     out = {}
     K, Hq, Hk = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -659,15 +659,18 @@ def hf_state_dict(sd: dict, cfg: MistralConfig) -> dict:
                 out[p + "input_layernorm.weight"] = t
             elif rest == "mlp_norm.weight":
                 out[p + "post_attention_layernorm.weight"] = t
-            elif rest == "attn.wqkv":
-                q, k, v = t.split([Hq * K, Hk * K, Hk * K])
-                for x, w in zip("qkv", (q, k, v)):
-                    out[p + f"self_attn.{x}_proj.weight"] = w.contiguous()
-            elif rest == "attn.wo":
-                out[p + "self_attn.o_proj.weight"] = t
-            elif rest == "mlp.w13":
+            elif rest in ("attn.wqkv", "attn.bqkv"):  # fused [q; k; v] weight rows or biases
+                kind = "weight" if rest == "attn.wqkv" else "bias"
+                for x, part in zip("qkv", t.split([Hq * K, Hk * K, Hk * K])):
+                    out[p + f"self_attn.{x}_proj.{kind}"] = part.contiguous()
+            elif rest in ("attn.wo", "attn.bo"):
+                out[p + f"self_attn.o_proj.{'weight' if rest == 'attn.wo' else 'bias'}"] = t
+            elif rest in ("mlp.w13", "mlp.b13"):  # fused [gate; up]
+                kind = "weight" if rest == "mlp.w13" else "bias"
                 gate, up = t.chunk(2)
-                out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+                out[p + f"mlp.gate_proj.{kind}"], out[p + f"mlp.up_proj.{kind}"] = gate.contiguous(), up.contiguous()
+            elif rest == "mlp.b2":
+                out[p + "mlp.down_proj.bias"] = t
             elif rest == "mlp.w2" and t.dim() == 2:
                 out[p + "mlp.down_proj.weight"] = t
             elif rest == "mlp.gate":

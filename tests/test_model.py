@@ -300,12 +300,15 @@ def test_missing_files(ckpts, tmp_path):
 
 def test_config_errors(ckpts):
     base = json.loads((ckpts["mistral"] / "config.json").read_text())
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
-        gm.MistralConfig.from_dict({**base, "model_type": "llama"})
+    with pytest.raises(ValueError, match="model_type 'gemma' is not supported"):
+        gm.MistralConfig.from_dict({**base, "model_type": "gemma"})
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
         gm.MistralConfig.from_dict({**base, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="rope_scaling"):
-        gm.MistralConfig.from_dict({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+        gm.MistralConfig.from_dict({**base, "rope_scaling": {"type": "longrope", "factor": 2.0}})
+    # transformers' Mistral computes linear (and llama3, dynamic) RoPE scaling like Llama's
+    assert gm.MistralConfig.from_dict({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling == {
+        "rope_type": "linear", "factor": 2.0}
     with pytest.raises(ValueError, match="rope_type"):
         gm.MistralConfig.from_dict({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
     with pytest.raises(ValueError, match=r"unknown fields \['fancy_new_field'\]"):

@@ -274,40 +274,76 @@ def _single_turn_gen(ckpt):
     return gen, rows, labels
 
 
-@pytest.mark.parametrize("loss_gen_type, factor", [("mixed", 1.0), ("token", 0.5)])
-def test_unified_loss_and_grads_match_transformers(ckpt, loss_gen_type, factor):
+@pytest.fixture(scope="module")
+def backbone_ckpts(ckpt, tmp_path_factory):
+    """Mistral and the other backbones: Llama 3 (llama3 RoPE scaling, q/k/v/o and MLP
+    biases, head_dim != hidden / heads), Qwen2 (q/k/v biases, tied embeddings)."""
+    llama3 = dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=16), rope_theta=500000.0,
+                  attention_bias=True, mlp_bias=True)
+    return {"mistral": ckpt,
+            "llama": _checkpoint(tmp_path_factory.mktemp("llama"), "llama", **llama3),
+            "qwen2": _checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", tie_word_embeddings=True)}
+
+
+@pytest.mark.parametrize("arch, loss_gen_type, factor", [("mistral", "mixed", 1.0), ("mistral", "token", 0.5),
+                                                         ("llama", "mixed", 1.0), ("qwen2", "token", 0.5)])
+def test_unified_loss_and_grads_match_transformers(backbone_ckpts, arch, loss_gen_type, factor):
+    """Three optimiser steps of GRIT's unified loss: ours (GritStep) against transformers'
+    model with gritlm's loss formulas, the same AdamW on both: equal losses every step and
+    equal gradients of the first."""
     import transformers
 
+    ckpt = backbone_ckpts[arch]
     gen, gen_rows, gen_labels = _single_turn_gen(ckpt)
     data = _data(ckpt, batch_size=3, gen_batch_size=4, gen=gen)
-    batch = data.local_batch(0)
     model = T.GritTrainModel(T.load_model(ckpt, "cpu"), loss_gen_type=loss_gen_type, loss_gen_factor=factor)
-    got = T.GritStep(model, T.StepConfig())(batch)
+    step_fn = T.GritStep(model, T.StepConfig())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    ours_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3)
+    for step in range(3):
+        batch = data.local_batch(step)
+        ours_opt.zero_grad()
+        hf_opt.zero_grad()
+        got = step_fn(batch)
+        g = data.global_batch(step)  # texts; tokenisation is checked by test_formats_follow_gritlm
+        q_items = list(zip(*data.encoder.embedding(g["query"], SMALL["query_max_len"])))
+        d_items = list(zip(*data.encoder.embedding(g["passage"], SMALL["passage_max_len"])))
+        q, d = _hf_embed(hf, q_items), _hf_embed(hf, d_items)
+        scores = q @ d.T / 0.02
+        loss_emb = F.cross_entropy(scores, torch.arange(3) * 2)
+        # The generative batch is the 4 examples in some order; the loss does not depend on it.
+        loss_gen = _hf_gen_loss(hf, gen_rows, gen_labels, loss_gen_type, factor)
+        (loss_emb + loss_gen).backward()
+        assert got["loss_emb"] == pytest.approx(loss_emb.item(), rel=1e-4), f"step {step}"
+        assert got["loss_gen"] == pytest.approx(loss_gen.item(), rel=1e-4), f"step {step}"
+        assert loss_emb.item() > 0.05 and loss_gen.item() > 0.1
+        if step == 0:
+            _assert_first_grads_match(model, hf, arch)
+        ours_opt.step()
+        hf_opt.step()
 
-    hf = transformers.MistralForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    g = data.global_batch(0)  # texts; tokenisation is checked by test_formats_follow_gritlm
-    q_items = list(zip(*data.encoder.embedding(g["query"], SMALL["query_max_len"])))
-    d_items = list(zip(*data.encoder.embedding(g["passage"], SMALL["passage_max_len"])))
-    q, d = _hf_embed(hf, q_items), _hf_embed(hf, d_items)
-    scores = q @ d.T / 0.02
-    loss_emb = F.cross_entropy(scores, torch.arange(3) * 2)
-    # The generative batch is the 4 examples in some order; the loss does not depend on it.
-    loss_gen = _hf_gen_loss(hf, gen_rows, gen_labels, loss_gen_type, factor)
-    (loss_emb + loss_gen).backward()
 
-    assert got["loss_emb"] == pytest.approx(loss_emb.item(), rel=1e-5)
-    assert got["loss_gen"] == pytest.approx(loss_gen.item(), rel=1e-5)
-    assert loss_emb.item() > 0.1 and loss_gen.item() > 0.1
+def _assert_first_grads_match(model, hf, arch):
     ours = dict(model.model.named_parameters())
     hp = dict(hf.named_parameters())
-    pairs = [("embed", "model.embed_tokens.weight"), ("lm_head", "lm_head.weight"),
+    pairs = [("embed", "model.embed_tokens.weight"),
              ("layers.1.mlp_norm.weight", "model.layers.1.post_attention_layernorm.weight"),
              ("layers.0.attn.wo", "model.layers.0.self_attn.o_proj.weight")]
+    if "lm_head" in ours:
+        pairs.append(("lm_head", "lm_head.weight"))
+    if arch == "llama":
+        pairs += [("layers.0.attn.bo", "model.layers.0.self_attn.o_proj.bias"),
+                  ("layers.1.mlp.b2", "model.layers.1.mlp.down_proj.bias")]
     for a, b in pairs:
         assert_grad_close(ours[a].grad, hp[b].grad, f"grad of {a}")
     q_rows = hp["model.layers.0.self_attn.q_proj.weight"].shape[0]
     assert_grad_close(ours["layers.0.attn.wqkv"].grad[:q_rows], hp["model.layers.0.self_attn.q_proj.weight"].grad,
                       "grad of q_proj")
+    if arch in ("llama", "qwen2"):
+        assert_grad_close(ours["layers.0.attn.bqkv"].grad[:q_rows], hp["model.layers.0.self_attn.q_proj.bias"].grad,
+                          "grad of q_proj.bias")
 
 
 def test_mixtral_generative_loss_matches_transformers(moe_ckpt):
