@@ -7,7 +7,6 @@ Environment:
   GRIT_BUILD_JOBS       parallel compile jobs (default: CPU count)
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -63,10 +62,13 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         jobs = os.environ.get("GRIT_BUILD_JOBS", str(os.cpu_count() or 1))
-        # --fresh: a cache from an earlier build names the cmake/ninja of that build's
-        # isolated environment, which pip has deleted since; reconfiguring from scratch makes
-        # a second `pip install .` / `pip wheel .` from the same checkout work.
-        subprocess.check_call(cfg + ["--fresh"])
+        # A cache from an earlier build names the cmake/ninja of that build's isolated
+        # environment, which pip has deleted since: configure from scratch (what cmake
+        # --fresh does, for any cmake version), so a second `pip install .` / `pip wheel .`
+        # from the same checkout works. Object files stay, so ninja rebuilds only what changed.
+        (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
+        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+        subprocess.check_call(cfg)
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
 
 
@@ -81,14 +83,6 @@ class BuildPy(build_py):
 
 
 skip_reason = cuda_skip_reason()
-# What this build did with csrc, read back by `python -m grit_kernels` (pip hides build output).
-BUILD_INFO = ROOT / "grit_kernels" / "_build_info.json"
-BUILD_INFO.write_text(json.dumps({
-    "C_extension": "skipped" if skip_reason else "built",
-    "reason": skip_reason,
-    "cuda_archs": None if skip_reason else os.environ.get("GRIT_CUDA_ARCHS", "80;90"),
-    "nvcc": None if skip_reason else find_nvcc(),
-}, indent=1) + "\n")
 
 setup(
     name="grit-kernels",
@@ -114,8 +108,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["grit_kernels", "grit_kernels.*"]) + ["grit_models"],
     package_dir={"grit_models": "models"},
-    package_data={"grit_models": ["data/*.jsonl"],  # the sample training data
-                  "grit_kernels": ["_build_info.json"]},
+    package_data={"grit_models": ["data/*.jsonl"]},  # the sample training data
     ext_modules=[] if skip_reason else [CMakeExtension("grit_kernels._C")],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     install_requires=[

@@ -32,6 +32,12 @@ grit::MeanPoolArgs mean_pool_args(uintptr_t hidden, uintptr_t weights, uintptr_t
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "grit-kernels CUDA C++ kernels (device launches and host builds of the same code)";
+#ifdef GRIT_CUDA_ARCHS_STRING
+  m.attr("cuda_archs") = GRIT_CUDA_ARCHS_STRING;  // e.g. "80,90": the SM targets compiled in
+#endif
+#ifdef GRIT_NVCC_VERSION
+  m.attr("nvcc_version") = GRIT_NVCC_VERSION;
+#endif
 
   // ---- mean pooling (csrc/mean_pool.h) ----
   const char* layout_doc =

@@ -15,7 +15,6 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 # Each op's backends, as its module in grit_kernels/ops lists them.
 OPS = {
@@ -48,15 +47,20 @@ def _driver() -> str:
 
 
 def build_info() -> dict:
-    """What setup.py recorded about csrc, and whether _C imports now."""
+    """Whether grit_kernels._C was built and for what (the module says itself), or why not."""
+    import shutil
+
     from . import _backend
 
-    file = Path(__file__).with_name("_build_info.json")
-    info = json.loads(file.read_text()) if file.is_file() else {"C_extension": "unknown (no _build_info.json)"}
-    info["C_importable"] = _backend.has_C()
-    if not _backend.has_C():
-        info["C_import_error"] = _backend._load_C()
-    return info
+    if _backend.has_C():
+        C = _backend.C()
+        return {"C_extension": "built", "cuda_archs": getattr(C, "cuda_archs", "unknown"),
+                "nvcc": getattr(C, "nvcc_version", "unknown"), "path": C.__file__}
+    nvcc = os.environ.get("CUDACXX") or shutil.which("nvcc")
+    why = ("GRIT_SKIP_CUDA_BUILD was set" if os.environ.get("GRIT_SKIP_CUDA_BUILD", "0") not in ("", "0")
+           else "nvcc was not found when it was installed" if nvcc is None
+           else f"nvcc is at {nvcc} now; reinstall (pip install .) to build it")
+    return {"C_extension": "not built", "reason": why, "import_error": _backend._load_C()}
 
 
 def report() -> dict:
@@ -113,13 +117,11 @@ def _print(r: dict) -> None:
     else:
         print(f"  {'roofline':<17} {roof['source']}")
     b = r["build"]
-    if b.get("C_extension") == "built":
-        print(f"  {'_C':<17} built for sm {b.get('cuda_archs')} with {b.get('nvcc')}; "
-              f"importable: {b['C_importable']}")
+    if b["C_extension"] == "built":
+        print(f"  {'_C':<17} built for sm {b['cuda_archs']} with nvcc {b['nvcc']} ({b['path']})")
     else:
-        print(f"  {'_C':<17} {b.get('C_extension')}: {b.get('reason')}; importable: {b['C_importable']}")
-    if not b["C_importable"]:
-        print(f"  {'':<17} {b.get('C_import_error')}")
+        print(f"  {'_C':<17} not built: {b['reason']} ({b['import_error']}); the cuda backend is "
+              "unavailable, CUDA tensors go to triton")
     print("backends (what each op picks, and why):")
     for op, row in r["backends"].items():
         print(f"  {op}  [has {', '.join(row['has'])}]")

@@ -435,23 +435,25 @@ def test_runs_under_inference_mode(backend, mode):
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_triton_kernel_clamps_lengths_to_the_capacity(num_splits):
+def _clamp_check(num_splits, device):
     """The kernels themselves stay inside each row, whatever cache_seqlens says (the host
     check is bypassed here by calling the launchers directly). The caches are views of a
     larger NaN-filled buffer, so a read past a row's capacity (into the next row or past the
     last one) shows up as NaN; a write shows up in the poisoned margins."""
     from grit_kernels.triton import attention_kvcache as tri
 
+    def make(*shape):
+        return torch.randn(*shape).to(device)
+
     B, S_max, Hq, Hkv, D, Sq = 2, 8, 4, 2, 64, 2
-    buf_k = torch.full((B + 1, S_max + 4, Hkv, D), float("nan"))
-    buf_v = torch.full((B + 1, S_max + 4, Hkv, D), float("nan"))
+    buf_k = torch.full((B + 1, S_max + 4, Hkv, D), float("nan"), device=device)
+    buf_v = torch.full((B + 1, S_max + 4, Hkv, D), float("nan"), device=device)
     kc, vc = buf_k[:B, :S_max], buf_v[:B, :S_max]
-    kc.copy_(rand(B, S_max, Hkv, D))
-    vc.copy_(rand(B, S_max, Hkv, D))
+    kc.copy_(make(B, S_max, Hkv, D))
+    vc.copy_(make(B, S_max, Hkv, D))
     before_k, before_v = buf_k.clone(), buf_v.clone()
-    q, k, v = rand(B, Sq, Hq, D), rand(B, Sq, Hkv, D), rand(B, Sq, Hkv, D)
-    lengths = torch.tensor([S_max + 5, -3], dtype=torch.int32)  # both far outside [0, S_max - Sq]
+    q, k, v = make(B, Sq, Hq, D), make(B, Sq, Hkv, D), make(B, Sq, Hkv, D)
+    lengths = torch.tensor([S_max + 5, -3], dtype=torch.int32, device=device)  # far outside [0, S_max - Sq]
     tri.append_kv(kc, vc, lengths, k, v)
     assert same(buf_k, before_k) and same(buf_v, before_v), "an out-of-range append wrote memory"
     for sq_new in (0, Sq):
@@ -459,9 +461,21 @@ def test_triton_kernel_clamps_lengths_to_the_capacity(num_splits):
                             softmax_scale=D ** -0.5, num_splits=num_splits)
         assert torch.isfinite(out).all(), "the kernel read past a row's capacity"
         # Row 0 is clamped to all S_max keys, row 1 to the Sq_new appended ones (0 or Sq).
-        check(out[:1], q[:1], kc[:1], vc[:1], seqlens_k=[S_max])
+        check(out[:1].cpu(), q[:1].cpu(), kc[:1].cpu(), vc[:1].cpu(), seqlens_k=[S_max])
         if sq_new:
-            check(out[1:], q[1:], kc[1:], vc[1:], seqlens_k=[sq_new])
+            check(out[1:].cpu(), q[1:].cpu(), kc[1:].cpu(), vc[1:].cpu(), seqlens_k=[sq_new])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_kernel_clamps_lengths_to_the_capacity(num_splits):
+    _clamp_check(num_splits, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_gpu_kernel_clamps_lengths_to_the_capacity(num_splits):
+    """The same on a GPU: NaN-poisoned device memory past every row's capacity."""
+    _clamp_check(num_splits, "cuda")
 
 
 @pytest.mark.parametrize("window,exc,match", [

@@ -66,16 +66,24 @@ def test_extension_is_built_where_nvcc_exists():
     assert hasattr(C, "mean_pool_forward") and hasattr(C, "mean_pool_forward_host")
 
 
-def test_setup_without_nvcc_says_why():
+def test_setup_without_nvcc_says_why(tmp_path):
+    """The build says once why _C is skipped (a metadata query, which pip runs too, says
+    nothing), and writes nothing into the source tree."""
     env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "GRIT_SKIP_CUDA_BUILD")}
     env.update(PATH=os.path.dirname(sys.executable) + ":/usr/bin:/bin", CUDA_HOME="/nonexistent")
+    before = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
     proc = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and "grit_kernels._C" not in proc.stdout + proc.stderr, proc.stderr
+    build = [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")]
+    proc = subprocess.run(build, capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if "grit_kernels._C" in line]
-    assert len(lines) == 1 and "nvcc was not found" in lines[0], proc.stdout
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "grit_kernels._C" in line]
+    assert len(lines) == 1 and "nvcc was not found" in lines[0], proc.stdout + proc.stderr
     env["GRIT_SKIP_CUDA_BUILD"] = "1"
-    proc = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert "GRIT_SKIP_CUDA_BUILD" in proc.stdout
+    proc = subprocess.run(build, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert "GRIT_SKIP_CUDA_BUILD" in proc.stderr
+    after = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
+    assert after == before, "setup.py wrote into the source tree"
 
 
 def test_models_installs_as_grit_models():

@@ -720,3 +720,14 @@ def test_bad_option_values_fail_before_the_model_loads(tmp_path, option, value):
 
     with pytest.raises(SystemExit, match=f"^{option}: expected"):
         train(["--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out"), option, value])
+
+
+def test_a_run_ends_with_a_summary_line(ckpt, tmp_path, capsys):
+    """Even with --no-progress: what ran, the last losses, where the checkpoint is."""
+    out = tmp_path / "out"
+    _train(ckpt, out, "--max-steps", "2")
+    err = capsys.readouterr().err
+    assert "trained steps 1-2 in" in err and "loss_emb" in err and "loss_gen" in err
+    assert f"checkpoint: {out / 'checkpoint-2'}" in err and (out / "checkpoint-2" / "training_state.pt").is_file()
+    _train(ckpt, out, "--max-steps", "2", "--resume", str(out))
+    assert "no step (already at step 2)" in capsys.readouterr().err

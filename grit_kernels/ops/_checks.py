@@ -96,13 +96,51 @@ def check_no_overlap(**outputs) -> None:
                              "pass a tensor with its own storage, e.g. .contiguous()")
         if torch.compiler.is_compiling() or _is_fake(t):
             continue  # no data pointers while tracing
-        start = t.data_ptr()
-        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-        spans.append((name, t.untyped_storage().data_ptr(), start, start + extent * t.element_size()))
-    for i, (n1, st1, a1, b1) in enumerate(spans):
-        for n2, st2, a2, b2 in spans[i + 1:]:
-            if st1 == st2 and a1 < b2 and a2 < b1:
+        spans.append((name, t))
+    for i, (n1, a) in enumerate(spans):
+        for n2, b in spans[i + 1:]:
+            if _share_elements(a, b):
                 raise ValueError(f"{n2}: written in place but shares memory with {n1}; pass separate tensors")
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill [data_ptr, data_ptr + numel) exactly."""
+    expected = 1
+    for st, n in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors certainly share an element: the same view; two dense tensors
+    whose byte ranges overlap (PyTorch's rule for in-place ops); or two views of one layout
+    (same shape and strides, as slices of one buffer are) whose offset is reachable by a
+    step inside the shape. K and V halves of one (B, S, 2, H, D) buffer interleave without
+    sharing; caches shifted by one position do share. Other layouts are not judged."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape:
+        return True
+    if _dense(a) and _dense(b):
+        a0, b0 = a.data_ptr(), b.data_ptr()
+        return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+    if a.stride() != b.stride() or a.shape != b.shape or a.element_size() != b.element_size():
+        return False
+    delta, rem = divmod(abs(a.data_ptr() - b.data_ptr()), a.element_size())
+    if rem:
+        return True  # element boundaries misaligned within one storage: bytes overlap
+    dims = sorted((st, n) for n, st in zip(a.shape, a.stride()) if n > 1)
+    reach = 0
+    for st, n in dims:  # nested strides: each one steps past everything the smaller ones reach
+        if st <= reach:
+            return False
+        reach += (n - 1) * st
+    for st, n in reversed(dims):  # with nested strides the greedy decomposition is exact
+        step = min(delta // st, n - 1)
+        delta -= step * st
+    return delta == 0
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
