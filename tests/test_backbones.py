@@ -240,3 +240,18 @@ def test_trained_model_saves_in_transformers_layout(ckpts, name, tmp_path):
     with torch.no_grad():
         ours = tm.model.logits(forward(tm.model, [r])[0])
         torch.testing.assert_close(ours, ref(r[None]).logits[0], atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2_tied_sw"])
+def test_training_entry_point_runs_on_the_backbone(ckpts, name, tmp_path):
+    """python -m grit_models.train on the backbone (bundled sample data): both losses are
+    finite, a checkpoint is written, and GritModel loads it."""
+    from grit_models.train import train
+
+    result = train(["--model", str(ckpts[name]), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
+                    "--batch-size", "4", "--gen-batch-size", "2", "--query-max-len", "16", "--passage-max-len", "24",
+                    "--generative-max-len", "24", "--no-progress"])
+    losses = result["history"][-1]
+    assert np.isfinite(losses["loss_emb"]) and np.isfinite(losses["loss_gen"])
+    model = gm.GritModel(result["checkpoint"], device="cpu")
+    assert model.encode("paris").shape == (64,)
