@@ -1,6 +1,6 @@
 """python -m bench: every op's benchmarks on the best device present, one table, JSON + PNG.
 
-    python -m bench                      # CPU: one representative row per op, ~1-2 min on 2 cores
+    python -m bench                      # CPU: representative rows per op, ~1.5 min on 2 cores
                                          # GPU: the GPU suites at full size
     python -m bench --full               # the full sweep (CPU: ~15 min on 2 cores)
     python -m bench --quick              # small shapes and short timing, on any device
@@ -39,7 +39,7 @@ SUITES = ["mean_pool", "attention", "attention_kvcache", "contrastive_loss", "mo
 # Seconds each suite took on a 2-core CPU machine (python -m bench, default and --full): the
 # ETA's prior for suites not started yet; a running suite's ETA uses its own pace.
 CPU_SECONDS = {
-    "quick": dict(mean_pool=4, attention=8, attention_kvcache=4, contrastive_loss=6, moe=4, model=90, training=8),
+    "quick": dict(mean_pool=7, attention=14, attention_kvcache=4, contrastive_loss=7, moe=4, model=55, training=4),
     "full": dict(mean_pool=5, attention=20, attention_kvcache=8, contrastive_loss=8, moe=15, model=750, training=60),
 }
 
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     size.add_argument("--full", action="store_true", help="the full sweep (the default on a GPU)")
     p.add_argument("--out", default=str(Path(__file__).parent / "out"), help="output folder")
     p.add_argument("--budget", type=float, default=None,
-                   help="timing budget per case, seconds (default: 4 on the CPU; on a GPU 0.3 quick, 0.5 full)")
+                   help="timing budget per case, seconds (default: 3 on the CPU; on a GPU 0.3 quick, 0.5 full)")
     args = p.parse_args(argv)
 
     if args.device is not None:
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     # CPU: the representative (quick) shapes unless --full; GPU: full unless --quick.
     quick = args.quick or (device.type == "cpu" and not args.full)
     # CPU timings need more repeats than GPU ones to settle (thread wake-ups, other processes).
-    budget = args.budget if args.budget is not None else (4.0 if device.type == "cpu" else (0.3 if quick else 0.5))
+    budget = args.budget if args.budget is not None else (3.0 if device.type == "cpu" else (0.3 if quick else 0.5))
     roof = roofline(str(device))
     suites = args.suite or SUITES
     out = Path(args.out)
