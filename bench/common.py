@@ -134,7 +134,7 @@ def _settled(times: list[float], rel: float) -> bool:
 
 
 def measure(fn: Callable[[], Any], device: torch.device, *, baseline: Callable[[], Any] | None = None,
-            budget_s: float = 0.5, min_reps: int = 11, max_reps: int = 100_000,
+            budget_s: float = 0.5, min_reps: int = 25, max_reps: int = 100_000,
             rel: float = 0.005) -> tuple[Stats, Stats | None, float | None]:
     """Times ``fn`` and ``baseline`` alternately (one call of each per round, so both see the
     same machine state) until the medians and the median of the per-round ratios are settled
@@ -148,11 +148,14 @@ def measure(fn: Callable[[], Any], device: torch.device, *, baseline: Callable[[
     for f in fns:  # first calls: compilation, autotuning, allocator
         f()
         sync(device)
-    # Warm-up rounds, discarded: caches, branch predictors and the CPU's clock settle.
+    # Warm-up rounds, discarded (at least two, and a tenth of the budget): caches, the
+    # allocator, branch predictors and the CPU's clock settle.
     warm_until = time.perf_counter() + 0.1 * budget_s
-    while time.perf_counter() < warm_until:
+    rounds = 0
+    while rounds < 2 or time.perf_counter() < warm_until:
         for f in fns:
             _time_one(f, device)
+        rounds += 1
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     while True:

@@ -166,7 +166,7 @@ def cases(device: torch.device, quick: bool):
     out = []
 
     # 1. encoding throughput on a mixed-length corpus
-    n_texts, max_words = (64, 200) if quick else (256, 500)
+    n_texts, max_words = (32, 200) if quick else (256, 500)  # quick: rounds short enough to repeat
     if device.type == "cuda":
         n_texts, max_words = (512, 500) if quick else (2048, 500)
     corpus = random_texts(n_texts, 4, max_words, seed=1)

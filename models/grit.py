@@ -13,7 +13,6 @@ What differs is how the work is laid out:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm

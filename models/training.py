@@ -67,7 +67,7 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE_EMBEDDING = SAMPLE_DIR / "embedding.jsonl"
 SAMPLE_GENERATIVE = SAMPLE_DIR / "generative.jsonl"
 
-from .options import LOSS_GEN_TYPES, MODES  # noqa: E402  (names shared with the CLI)
+from .options import LOSS_GEN_TYPES  # noqa: E402  (shared with the CLI)
 
 
 class DataError(ValueError):
