@@ -18,11 +18,11 @@ Tensor names accepted (``model.`` prefix optional: embedding-only checkpoints la
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ._json import read_json_object
 from .config import MistralConfig, parse_dtype
 from .mistral import Transformer
 
@@ -43,12 +43,7 @@ def checkpoint_files(path) -> list[Path]:
         raise FileNotFoundError(f"model_name_or_path: {path} is not a folder (expected a local checkpoint folder)")
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            content = json.loads(index.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index}: not valid UTF-8 JSON: {e}") from None
-        if not isinstance(content, dict):
-            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map', got {type(content).__name__}")
+        content = read_json_object(index, error=CheckpointError, expected="a JSON object with a 'weight_map'")
         weight_map = content.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object (tensor name -> shard file)")

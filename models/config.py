@@ -15,13 +15,14 @@ a new field may change the model in ways this implementation does not follow.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import warnings
 from pathlib import Path
 
 import torch
+
+from ._json import read_json_object
 
 # Fields that PretrainedConfig and training tools write and that do not affect inference.
 _HARMLESS = {
@@ -230,14 +231,7 @@ class MistralConfig:
         if not file.is_file():
             raise FileNotFoundError(f"model_name_or_path: no config.json at {file} (a local checkpoint folder "
                                     "is expected; grit_models does not download from a hub)")
-        try:
-            d = json.loads(file.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{file}: not UTF-8 text ({e}); expected a JSON config") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{file}: expected a JSON object, got {type(d).__name__}")
+        d = read_json_object(file, expected="a JSON object (the model's config)")
         return cls.from_dict(d, strict=strict)
 
 

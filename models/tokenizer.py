@@ -11,8 +11,9 @@ truncation. Padding is not needed: sequences are packed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ._json import read_json_object
 
 
 class Tokenizer:
@@ -29,14 +30,7 @@ class Tokenizer:
         except Exception as e:  # the Rust library's error names neither the file nor the field
             raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
         cfg_file = file.parent / "tokenizer_config.json"
-        cfg = {}
-        if cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{cfg_file}: not valid UTF-8 JSON: {e}") from None
-            if not isinstance(cfg, dict):
-                raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+        cfg = read_json_object(cfg_file) if cfg_file.is_file() else {}
 
         def token(key, default=None):
             t = cfg.get(key, default)

@@ -60,7 +60,7 @@ def test_one_bad_shard_of_many_is_named(sharded):
 
 
 @pytest.mark.parametrize("content,match", [
-    ("{not json", "not valid UTF-8 JSON"),
+    ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object with a 'weight_map', got list"),
     ('{"weight_map": {}}', "expected a non-empty 'weight_map'"),
     ('{"weight_map": {"model.norm.weight": 3}}', r"weight_map\['model.norm.weight'\] = 3"),
@@ -126,7 +126,7 @@ def test_invalid_tokenizer_config(single):
 
 def test_non_utf8_config(single):
     (single / "config.json").write_bytes(b'{"model_type": "mistral\xff"}')
-    with pytest.raises(ValueError, match=re.escape(str(single / "config.json")) + ": not UTF-8"):
+    with pytest.raises(ValueError, match=re.escape(str(single / "config.json")) + ": not valid UTF-8"):
         load_checkpoint(single)
 
 
