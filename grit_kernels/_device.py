@@ -63,5 +63,3 @@ def _datasheet(name: str) -> dict:
         if key in name:
             return value
     return {}
-
-

@@ -84,7 +84,7 @@ def check_mask_args(causal, window, softmax_scale) -> tuple[int, int]:
 def check_no_overlap(**outputs) -> None:
     """Tensors written in place must not alias themselves (an expanded, stride-0 view writes
     several rows into one slot) or each other, as PyTorch's ``index_copy_`` requires."""
-    spans = []
+    written = []
     for name, t in outputs.items():
         if t is None or t.numel() == 0:
             continue
@@ -96,9 +96,9 @@ def check_no_overlap(**outputs) -> None:
                              "pass a tensor with its own storage, e.g. .contiguous()")
         if torch.compiler.is_compiling() or _is_fake(t):
             continue  # no data pointers while tracing
-        spans.append((name, t))
-    for i, (n1, a) in enumerate(spans):
-        for n2, b in spans[i + 1:]:
+        written.append((name, t))
+    for i, (n1, a) in enumerate(written):
+        for n2, b in written[i + 1:]:
             if _share_elements(a, b):
                 raise ValueError(f"{n2}: written in place but shares memory with {n1}; pass separate tensors")
 
@@ -143,18 +143,19 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     return delta == 0
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> torch.Tensor | None:
     """cu_seqlens: 1-D int32, starts at 0, non-decreasing, last entry == total tokens (every
     packed token belongs to a sequence: attention and mean_pool agree on this).
 
-    Reads the values (a host sync on CUDA tensors); ops call it only where the contract
-    requires validating values, and skip it under torch.compile's fake tensors.
+    Reads the values (a host sync on CUDA tensors) and returns them as (B + 1,) int64 on the
+    host, so that a caller needing them reads them once; None under torch.compile's fake
+    tensors, where values cannot be read and the check is skipped.
     """
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
     if cu.numel() < 1:
         raise ValueError(f"{name}: expected at least one entry (0), got an empty tensor")
     if _is_fake(cu):
-        return
+        return None
     values = cu.detach().to("cpu", torch.int64)
     if int(values[0]) != 0:
         raise ValueError(f"{name}: expected the first entry to be 0, got {int(values[0])}")
@@ -162,6 +163,7 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
         raise ValueError(f"{name}: expected non-decreasing offsets, got {values.tolist()[:16]}")
     if int(values[-1]) != total:
         raise ValueError(f"{name}: last entry {int(values[-1])} must equal the {total} packed tokens")
+    return values
 
 
 def _is_fake(t: torch.Tensor) -> bool:

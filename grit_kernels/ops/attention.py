@@ -138,16 +138,20 @@ def _validate(q, k, v, causal, window, softmax_scale, cu_q, cu_k, max_q, max_k) 
 
 
 def _check_values(q, k, cu_q, cu_k, max_q: int, max_k: int) -> tuple[int, int]:
-    """Reads cu_seqlens (one small device-to-host copy) -> the true (max_seqlen_q, max_seqlen_k).
+    """Reads cu_seqlens (one small device-to-host copy per distinct tensor) -> the true
+    (max_seqlen_q, max_seqlen_k).
 
     Runs before any output is allocated. Padded layout: (Sq, Sk).
     """
     if cu_q is None:
         return q.shape[1], k.shape[1]
-    result = []
+    result, read = [], {}
     for name, cu, t, given in (("cu_seqlens_q", cu_q, q, max_q), ("cu_seqlens_k", cu_k, k, max_k)):
-        _checks.check_cu_seqlens(name, cu, t.shape[0], t.device)
-        values = cu.detach().to("cpu", torch.int64)
+        if id(cu) in read and t.shape[0] == q.shape[0]:
+            values = read[id(cu)]  # cu_seqlens_k is cu_seqlens_q (self-attention): read once
+        else:
+            values = _checks.check_cu_seqlens(name, cu, t.shape[0], t.device)
+            read[id(cu)] = values
         longest = int((values[1:] - values[:-1]).max()) if values.numel() > 1 else 0
         if given >= 0 and given < longest:
             arg = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"

@@ -117,6 +117,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_
         _checks.check_no_overlap(k_cache=k_cache, v_cache=v_cache)
     return _checks.check_mask_args(causal, window, softmax_scale)
 
+
 def _read_lengths(cache_seqlens: torch.Tensor) -> torch.Tensor:
     """(B,) int64 on the host (a device-to-host copy and sync for CUDA tensors)."""
     return cache_seqlens.detach().to("cpu", torch.int64)
