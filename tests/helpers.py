@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import torch
 
 
@@ -84,7 +87,32 @@ def build(fn, types, constexprs, warps=4, stages=3, aligned=lambda name: name.en
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if aligned(n)}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    ptrs = sorted({t for t in sig.values() if t.startswith("*")})
+    name = f"{fn.__name__}[{','.join(f'{c}={constexprs[c]}' for c in sorted(constexprs))}]w{warps}s{stages}{ptrs}"
+    RECORDS[name] = dict(_resources(k), shared=k.metadata.shared)
+    return k
+
+RECORDS = {}  # kernel specialisation -> registers, spills, stack and shared memory
+
+def _resources(k):
+    """ptxas -v on the kernel's PTX: what the cubin uses per thread (no GPU needed)."""
+    import os, re, subprocess, tempfile
+    from triton.backends.nvidia import compiler as nv
+    try:
+        ptxas = nv.get_ptxas(90).path
+    except TypeError:  # triton 3.6: get_ptxas() takes no arch
+        ptxas = nv.get_ptxas().path
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    try:
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else 0
+    return dict(registers=num(r"Used (\d+) registers"), stack=num(r"(\d+) bytes stack frame"),
+                spill_stores=num(r"(\d+) bytes spill stores"), spill_loads=num(r"(\d+) bytes spill loads"))
 
 H100_SHARED = 232448  # bytes of shared memory one block may use
 
@@ -113,8 +141,9 @@ def compile_launch(fn, args, constexprs, warps=4, stages=3):
 '''
 
 
-def compile_for_sm90(script: str) -> None:
-    """Run ``script`` (which calls ``build(...)``) after AOT_PRELUDE with TRITON_INTERPRET=0."""
+def compile_for_sm90(script: str, name: str | None = None) -> dict:
+    """Run ``script`` (which calls ``build(...)``) after AOT_PRELUDE with TRITON_INTERPRET=0;
+    returns each kernel's resources, checked against the recorded ones under ``name``."""
     import os
     import subprocess
     import sys
@@ -127,8 +156,37 @@ def compile_for_sm90(script: str) -> None:
     except ImportError as e:
         pytest.skip(f"triton without its nvidia backend: {e}")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run([sys.executable, "-c", AOT_PRELUDE + script + "\nprint('compiled')"], env=env,
+    tail = "\nimport json\nprint('compiled', json.dumps(RECORDS))"
+    res = subprocess.run([sys.executable, "-c", AOT_PRELUDE + script + tail], env=env,
                          capture_output=True, text=True, timeout=600)
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("no ptxas available")
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+    records = json.loads(res.stdout.split("compiled", 1)[1])
+    if name is not None:
+        check_resources(name, records)
+    return records
+
+
+AOT_BASELINE = pathlib.Path(__file__).with_name("aot_sm90.json")
+
+
+def check_resources(name: str, records: dict) -> None:
+    """No kernel of ``records`` may use more spill bytes, stack or shared memory than the
+    numbers recorded in tests/aot_sm90.json under ``name`` (registers may move: ptxas trades
+    them for occupancy). ``GRIT_AOT_RECORD=1`` rewrites that entry instead (after a change
+    that is meant to move the numbers, reviewed in the diff)."""
+    import os
+
+    baseline = json.loads(AOT_BASELINE.read_text()) if AOT_BASELINE.exists() else {}
+    if os.environ.get("GRIT_AOT_RECORD") == "1":
+        baseline[name] = records
+        AOT_BASELINE.write_text(json.dumps(baseline, indent=1, sort_keys=True) + "\n")
+        return
+    want = baseline.get(name)
+    assert want is not None, f"no AOT baseline for {name!r} in {AOT_BASELINE.name}: run with GRIT_AOT_RECORD=1"
+    missing = sorted(set(want) - set(records))
+    assert not missing, f"{name}: kernels no longer compiled: {missing[:5]}"
+    worse = [f"{k}: {f} {want[k][f]} -> {got[f]}" for k, got in records.items() if k in want
+             for f in ("spill_stores", "spill_loads", "stack", "shared") if got[f] > want[k][f]]
+    assert not worse, f"{name}: kernels use more memory than recorded:\n" + "\n".join(worse)

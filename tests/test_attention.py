@@ -450,7 +450,7 @@ for config in range(1, max(map(len, m._GPU_CONFIGS.values()))):
 
 def test_kernels_compile_for_sm90():
     """Forward, delta preprocess, dK/dV and dQ kernels, compiled ahead of time for H100."""
-    compile_for_sm90(_AOT_SCRIPT)
+    compile_for_sm90(_AOT_SCRIPT, "attention")
 
 
 # ---------------------------------------------------------------------------------------

@@ -544,7 +544,7 @@ kbuild(m._append_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf1
 
 def test_kernels_compile_for_sm90():
     """Ahead-of-time compile (TTIR -> PTX -> cubin with the ptxas bundled in triton) for H100."""
-    compile_for_sm90(_AOT_SCRIPT)
+    compile_for_sm90(_AOT_SCRIPT, "attention_kvcache")
 
 
 # ---------------------------------------------------------------------------------------

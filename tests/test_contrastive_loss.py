@@ -321,7 +321,7 @@ loss("float32", 2048, 4096, 4096, ["ieee", "tf32"])
 
 def test_kernels_compile_for_sm90():
     """Row-scale, forward, backward-logits and projection kernels, compiled ahead of time for H100."""
-    compile_for_sm90(_AOT_SCRIPT)
+    compile_for_sm90(_AOT_SCRIPT, "contrastive_loss")
 
 
 # ---------------------------------------------------------------------------------------

@@ -503,7 +503,7 @@ def test_kernels_compile_for_sm90():
     # the cases above cover every BM bucket of the planner
     assert {tri.plan(T * 2, 8, 4096, 14336, torch.bfloat16, True).block_m for T in (1, 128, 256, 8192)} == {
         16, 32, 64, 128}
-    compile_for_sm90(_AOT_SCRIPT)
+    compile_for_sm90(_AOT_SCRIPT, "moe")
 
 
 # ---------------------------------------------------------------------------------------
