@@ -11,7 +11,7 @@ GPU, bf16, every baseline in the same run:
 Rows: ``triton`` is ours, its ratio against SDPA's flash backend (FA2), the issue's target;
 ``sdpa-cudnn``, ``flex`` rows give the other baselines' TFLOP/s on the same shapes.
 FLOPs follow flash-attn's benchmarks: fwd 4·B·S²·H·D (halved when causal), bwd 2.5x fwd.
-CPU: one small case on the torch backend vs eager SDPA; GPU cases appear as skipped.
+CPU: one small case on the cpu backend vs eager SDPA; GPU cases appear as skipped.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def _cpu_cases(device, quick):
             ours = functools.partial(attention, q, k, v, causal=causal)
             eager = lambda c=causal: F.scaled_dot_product_attention(  # noqa: E731
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=c).transpose(1, 2)
-            out.append(Case(f"attention {mode}", shape, "torch", _timed(mode, ours, (q, k, v)),
+            out.append(Case(f"attention {mode}", shape, "cpu", _timed(mode, ours, (q, k, v)),
                             baseline=_timed(mode, eager, (q, k, v)), baseline_name="SDPA (CPU)",
                             flops=attn_flops(B, S, H, Dh, causal, mode)))
     why = "needs a CUDA device"

@@ -81,8 +81,8 @@ def cases(device: torch.device, quick: bool):
         q, k, v, kc, vc, seqlens = _inputs(B, length, length, torch.float32, device, gen)
         nbytes = 2 * B * length * HKV * D * kc.element_size()
         shape = f"B={B} cache={length} Hq={HQ} Hkv={HKV} D={D} fp32"
-        out.append(Case("kvcache decode", shape, "torch",
-                        with_backend("torch", lambda: attention_with_kvcache(q, kc, vc, seqlens, k, v)),
+        out.append(Case("kvcache decode", shape, "cpu",
+                        with_backend("cpu", lambda: attention_with_kvcache(q, kc, vc, seqlens, k, v)),
                         baseline=_sdpa_decode(q, k, v, kc, vc, length), baseline_name="sdpa(enable_gqa)",
                         bytes=nbytes))
         out.append(Skipped("kvcache decode", "B=1..64 cache=1k..32k Hq=32 Hkv=8 D=128 bf16 (triton)",

@@ -23,7 +23,7 @@ from grit_kernels._device import roofline  # noqa: F401  (re-exported for the su
 class Case:
     op: str                      # "mean_pool fwd"
     shape: str                   # "B=64 S=512 D=4096 bf16"
-    backend: str                 # "cuda", "triton", "torch", ...
+    backend: str                 # "cuda", "triton", "cpu", ...
     fn: Callable[[], Any]        # the implementation under test
     baseline: Callable[[], Any] | None = None
     baseline_name: str = ""      # "eager sum(h*m)/m.sum()"

@@ -5,7 +5,7 @@ hard negative), D = 4096 bf16, on the triton backend, against GritLM's eager los
 (F.normalize, matmul, cross_entropy in bf16: the B x N logits, their softmax and gradient
 all live in memory). GradCache on a small token-level MLP encoder: peak memory as the batch
 grows (should stay flat) and the step's time against the unchunked step.
-CPU: the same comparisons at small sizes (torch backend).
+CPU: the same comparisons at small sizes (cpu backend).
 
 FLOPs counted: 6BND per forward+backward (the logits GEMM and its two gradient GEMMs), not
 the recomputation. Peak memory is torch.cuda.max_memory_allocated during one call above
@@ -117,8 +117,8 @@ def cases(device: torch.device, quick: bool):
         batches = (256, 1024) if quick else (256, 1024, 4096)
         out += grad_cache_cases(device, batches, chunk=128, S=64, H=512, F=2048, E=512, backend="triton")
         return out
-    out = loss_cases(device, torch.float32, (32,) if quick else (64, 256), 256, "torch")
-    out += grad_cache_cases(device, (16,) if quick else (16, 64), chunk=8, S=16, H=32, F=128, E=32, backend="torch")
+    out = loss_cases(device, torch.float32, (32,) if quick else (64, 256), 256, "cpu")
+    out += grad_cache_cases(device, (16,) if quick else (16, 64), chunk=8, S=16, H=32, F=128, E=32, backend="cpu")
     out.append(Skipped("contrastive_loss fwd+bwd", "B=2048..16384 N=2B D=4096 bf16 (triton)", "needs a CUDA device"))
     out.append(Skipped("grad_cache step", "B=256..4096 S=64 H=512 F=2048 (triton loss)", "needs a CUDA device"))
     return out

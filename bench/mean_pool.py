@@ -70,7 +70,7 @@ def cases(device: torch.device, quick: bool):
         h, m = _padded(B, S, D, torch.float32, device, gen)
         nbytes = int(m.sum()) * D * 4 + B * D * 4
         shape = f"B={B} S={S} D={D} fp32"
-        out.append(Case("mean_pool fwd", shape, "torch", with_backend("torch", lambda: mean_pool(h, m)),
+        out.append(Case("mean_pool fwd", shape, "cpu", with_backend("cpu", lambda: mean_pool(h, m)),
                         baseline=lambda: eager_pool(h, m), baseline_name="eager gritlm", bytes=nbytes))
         try:
             from grit_kernels import _backend

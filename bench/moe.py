@@ -174,7 +174,7 @@ def cases(device: torch.device, quick: bool):
     weights, experts = moe_route(torch.randn(T, E, generator=gen), top_k=K)
     hf = hf_experts(w1, w2, w3)
     shape = f"T={T} D={D} F={F} E={E} K={K} fp32"
-    out.append(Case("moe_experts fwd", shape, "torch", with_backend("torch", lambda: moe_experts(x, w1, w2, w3, weights,
+    out.append(Case("moe_experts fwd", shape, "cpu", with_backend("cpu", lambda: moe_experts(x, w1, w2, w3, weights,
                                                                                                experts)),
                     baseline=lambda: hf(x, experts.long(), weights), baseline_name="HF expert loop",
                     flops=2.0 * T * K * D * F * 3))

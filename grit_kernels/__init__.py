@@ -10,6 +10,17 @@ Public API (shapes and semantics in each op's docstring and in DESIGN.md):
     moe_route, moe_experts     Mixtral top-k routing and grouped SwiGLU experts
     moe_aux_loss               Mixtral's load-balancing loss
 
+Shapes, one legend for the whole package (docstrings and tensor-name suffixes use it):
+
+    B   batch rows / sequences           T      packed tokens (sequences back to back)
+    S   tokens per row (Sq, Sk: query /  L_max  KV cache capacity
+        key lengths)
+    D   model (hidden) dim               Dh     head dim
+    Hq  query heads                      Hkv    key/value heads (G = Hq / Hkv per group)
+    N   documents (contrastive loss)     E      experts
+    K   experts per token (top-k)        TK     T * K routing slots
+    F   MLP / expert hidden size         V      vocabulary
+
 Names are resolved on first use, so ``import grit_kernels`` neither touches ``torch.cuda``
 nor imports Triton.
 """

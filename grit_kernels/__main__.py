@@ -92,7 +92,7 @@ def report() -> dict:
         "backends": {},
     }
     for op, (module, key) in OPS.items():
-        supported = importlib.import_module(module)._SUPPORTED
+        supported = importlib.import_module(module).BACKENDS.backends
         row = {"has": list(supported)}
         for dev in ("cpu", "cuda"):
             try:

@@ -1,13 +1,17 @@
 """Backend selection, shared by every op in ``grit_kernels/ops``.
 
-Three backends (see DESIGN.md, Backends):
+Four backends, one package each, named after what runs (see DESIGN.md, Backends). Every
+backend module of an op (``grit_kernels/<backend>/<op>.py``) has the same ``forward`` /
+``backward`` signatures, so ``ops/<op>.py`` only validates, picks the module and calls it:
 
-* ``cuda``   - the pybind11 module ``grit_kernels._C`` built from ``csrc/``. On CUDA tensors
-  it launches the CUDA kernels; on CPU tensors it runs the host build of the same
-  ``__host__ __device__`` per-row code (that is how CPU tests reach csrc's arithmetic).
-* ``triton`` - the Triton kernels in ``grit_kernels/triton``. Needs CUDA tensors, or CPU
-  tensors under ``TRITON_INTERPRET=1``.
-* ``torch``  - the plain-PyTorch oracles in ``grit_kernels/reference``.
+* ``cuda``      - launchers over the pybind11 module ``grit_kernels._C`` built from ``csrc/``.
+  On CUDA tensors they launch the CUDA kernels; on CPU tensors they run the host build of
+  the same ``__host__ __device__`` per-row code (that is how CPU tests reach csrc's arithmetic).
+* ``triton``    - the Triton kernels. Needs CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+* ``cpu``       - CPU tensors: PyTorch's fused CPU kernels where one serves (attention), and
+  vectorised PyTorch written for speed elsewhere.
+* ``reference`` - the plain-PyTorch oracles the tests compare against. Never chosen by
+  default: only ``GRIT_BACKEND=reference`` runs it (on any device).
 
 The choice is made per call from the tensors' device and what is available, unless the
 environment variable ``GRIT_BACKEND`` forces one. Nothing here touches ``torch.cuda`` or
@@ -20,7 +24,7 @@ import functools
 import importlib
 import os
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -86,8 +90,9 @@ def _unavailable_reason(backend: str, device_type: str, supported: tuple[str, ..
             return "the triton backend runs CPU tensors only under TRITON_INTERPRET=1"
         if device_type not in ("cuda", "cpu"):
             return f"the triton backend runs CUDA tensors, got {device_type}"
-    elif backend == "torch":
-        pass
+    elif backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs CPU tensors, got {device_type}"
     return None
 
 
@@ -110,25 +115,37 @@ def explain(op: str, device_type: str, supported: tuple[str, ...] = BACKENDS) ->
                 first = "the preferred kernel" if not why else "; ".join(why)
                 return candidate, first
             why.append(f"not {candidate}: {reason}")
-        return "torch", "; ".join(why) or "no GPU kernel for this op"
-    return "torch", "CPU tensors run PyTorch (reference or fused CPU kernels)"
+        return None, "; ".join(why) or "no GPU kernel for this op"
+    if device_type == "cpu" and "cpu" in supported:
+        return "cpu", "CPU tensors run PyTorch's fused CPU kernels / vectorised PyTorch"
+    return None, f"no backend of this op runs {device_type} tensors (GRIT_BACKEND=reference runs the oracle)"
 
 
 def select(op: str, device_type: str, supported: tuple[str, ...] = BACKENDS) -> str:
     """Pick the backend for one call of ``op`` on tensors of ``device_type``.
 
     Default: CUDA tensors go to ``cuda`` when ``_C`` is built and the op has it, else
-    ``triton``; CPU tensors go to ``torch``. ``GRIT_BACKEND`` overrides, and a forced
-    backend that cannot run raises BackendUnavailableError naming the reason.
+    ``triton``; CPU tensors go to ``cpu``. ``GRIT_BACKEND`` overrides, and a forced backend
+    that cannot run (or no backend at all) raises BackendUnavailableError naming the reason.
     """
-    want = forced()
-    if want is not None:
-        reason = _unavailable_reason(want, device_type, supported)
-        if reason is not None:
-            raise BackendUnavailableError(f"{op}: GRIT_BACKEND={want} is unavailable: {reason}")
-        return want
-    if device_type == "cuda":
-        for candidate in ("cuda", "triton"):
-            if candidate in supported and _unavailable_reason(candidate, device_type, supported) is None:
-                return candidate
-    return "torch"
+    choice, why = explain(op, device_type, supported)
+    if choice is None:
+        raise BackendUnavailableError(f"{op}: {why}")
+    return choice
+
+
+class Table:
+    """The backend modules of one op: ``grit_kernels.<backend>.<op>`` for each backend it has,
+    imported on first use (a Triton module imports triton)."""
+
+    def __init__(self, op: str, backends: tuple[str, ...]):
+        self.op, self.backends = op, backends
+
+    def __getitem__(self, backend: str):
+        if backend not in self.backends:
+            raise BackendUnavailableError(f"{self.op}: no {backend} backend (it has {', '.join(self.backends)})")
+        return importlib.import_module(f"grit_kernels.{backend}.{self.op}")
+
+    def select(self, device_type: str):
+        """The module of the backend ``select`` picks for tensors on ``device_type``."""
+        return self[select(self.op, device_type, self.backends)]

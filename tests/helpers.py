@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import pathlib
 
+import pytest
 import torch
+
+from grit_kernels import attention
+from grit_kernels.reference.attention import attention_ref
 
 
 def assert_close_to_oracle(out, oracle_hp, oracle_lp, *, atol=1e-5, factor=2.0, name="output"):
@@ -190,3 +194,125 @@ def check_resources(name: str, records: dict) -> None:
     worse = [f"{k}: {f} {want[k][f]} -> {got[f]}" for k, got in records.items() if k in want
              for f in ("spill_stores", "spill_loads", "stack", "shared") if got[f] > want[k][f]]
     assert not worse, f"{name}: kernels use more memory than recorded:\n" + "\n".join(worse)
+
+
+# ---------------------------------------------------------------------------------------
+# attention: inputs, the fwd+bwd runner and the check against the oracles (shared by
+# test_attention, test_attention_kvcache and test_attention_cpu_fast)
+# ---------------------------------------------------------------------------------------
+
+ATTN_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def padded_inputs(B, Sq, Sk, Hq, Hkv, D, dtype=torch.float32, device="cpu", scale=1.0):
+    q = torch.randn(B, Sq, Hq, D, device=device) * scale
+    k = torch.randn(B, Sk, Hkv, D, device=device) * scale
+    v = torch.randn(B, Sk, Hkv, D, device=device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def packed_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32, device="cpu"):
+    cu_q, cu_k = cu_seqlens_of(lens_q, device), cu_seqlens_of(lens_k, device)
+    q = torch.randn(sum(lens_q), Hq, D, device=device).to(dtype)
+    k = torch.randn(sum(lens_k), Hkv, D, device=device).to(dtype)
+    v = torch.randn(sum(lens_k), Hkv, D, device=device).to(dtype)
+    return q, k, v, dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def fwd_bwd(fn, q, k, v, dout, dlse, dtype=None):
+    """Run fn -> (out, lse) and backpropagate (dout, dlse); returns out, lse, dq, dk, dv."""
+    ins = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*ins)
+    # Rows with lse = -inf have no gradient to give; keep the product finite.
+    dl = torch.where(torch.isfinite(lse), dlse.to(lse.dtype), torch.zeros_like(lse))
+    torch.autograd.backward((out, lse), (dout.to(out.dtype), dl))
+    # No key at all (Sk = 0): autograd leaves k.grad unset where the kernel writes zeros.
+    return (out.detach(), lse.detach(), *(torch.zeros_like(t) if t.grad is None else t.grad for t in ins))
+
+
+def check_attention(q, k, v, *, atol=None, grads=True, lse_grad=True, **kw):
+    """``attention`` (whatever backend is selected) vs the fp64 and low-precision oracles:
+    out, lse and (``grads``) dq, dk, dv. ``lse_grad``: backpropagate a random lse gradient
+    too (False: lse gets a zero gradient, a loss of out only)."""
+    dtype = q.dtype
+    atol = ATTN_ATOL[dtype] if atol is None else atol
+    B_H_S = (q.shape[1], q.shape[0]) if "cu_seqlens_q" in kw else (q.shape[0], q.shape[2], q.shape[1])
+    dout = torch.randn(q.shape, device=q.device)
+    dlse = torch.randn(B_H_S, device=q.device) if lse_grad else torch.zeros(B_H_S, device=q.device)
+    ref_kw = {n: kw[n] for n in ("causal", "window", "softmax_scale", "cu_seqlens_q", "cu_seqlens_k") if n in kw}
+    if "cu_seqlens_q" in kw and "cu_seqlens_k" not in kw:
+        ref_kw["cu_seqlens_k"] = kw["cu_seqlens_q"]
+    kernel = lambda *t: attention(*t, return_lse=True, **kw)  # noqa: E731
+    got = fwd_bwd(kernel, q, k, v, dout, dlse) if grads else attention(q, k, v, return_lse=True, **kw)
+    hp = fwd_bwd(lambda *t: attention_ref(*t, **ref_kw), q, k, v, dout, dlse, torch.float64)
+    lp = fwd_bwd(lambda *t: attention_ref(*t, upcast=False, **ref_kw), q, k, v, dout, dlse)
+    assert got[1].dtype == torch.float32 and got[0].dtype == dtype
+    empty = torch.isneginf(hp[1])
+    assert torch.equal(torch.isneginf(got[1]), empty), "lse: -inf (rows that see no key) in the wrong places"
+    fin = lambda t: torch.where(empty, torch.zeros_like(t), t)  # noqa: E731
+    assert_close_to_oracle(got[0], hp[0], lp[0], atol=atol, name="out")
+    assert_close_to_oracle(fin(got[1]), fin(hp[1]), fin(lp[1].float()), atol=atol, name="lse")
+    if grads:
+        for name, g, h, lo in zip(("dq", "dk", "dv"), got[2:], hp[2:], lp[2:]):
+            assert g.dtype == dtype and g.shape == h.shape
+            assert_close_to_oracle(g, h, lo, atol=atol, name=name)
+    return got
+
+
+ATTN_MODES = [
+    pytest.param(False, (-1, -1), id="bidirectional"),
+    pytest.param(True, (-1, -1), id="causal"),
+    pytest.param(True, (16, -1), id="causal-window16"),
+    pytest.param(False, (16, 0), id="window(w,0)"),
+    pytest.param(False, (8, 8), id="window(w,w)"),
+    pytest.param(False, (0, 0), id="window(0,0)"),
+    pytest.param(False, (5, 23), id="window(5,23)"),
+    pytest.param(False, (-1, 3), id="window(-1,3)"),
+    pytest.param(False, (40, -1), id="window(40,-1)"),
+]
+
+
+def opcheck_args(packed):
+    if packed:
+        q, k, v, cu = packed_inputs([3, 1, 6], [5, 2, 6], 4, 2, 16)
+        args = (q, k, v, cu["cu_seqlens_q"], cu["cu_seqlens_k"], 6, 6, True, 2, -1, 0.3)
+    else:
+        q, k, v = padded_inputs(2, 7, 9, 4, 2, 16)
+        args = (q, k, v, None, None, -1, -1, False, 3, 1, 0.25)
+    return tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+KV_ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def rand(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=torch.float32).to(dtype).to(device)
+
+
+def kv_oracles(q, k, v, *, causal=True, window=(-1, -1), softmax_scale=None, seqlens_k=None):
+    """(fp64 oracle, same reference in the inputs' precision) for the tolerance rule."""
+    kw = dict(causal=causal, window=window, softmax_scale=softmax_scale, seqlens_k=seqlens_k)
+    hp, _ = attention_ref(q.double(), k.double(), v.double(), **kw)
+    lp, _ = attention_ref(q, k, v, upcast=q.dtype == torch.float32, **kw)
+    return hp, lp
+
+
+def check_kv(out, q, k, v, name="out", **kw):
+    hp, lp = kv_oracles(q, k, v, **kw)
+    assert out.dtype == q.dtype
+    assert_close_to_oracle(out, hp, lp, atol=KV_ATOL[q.dtype], name=name)
+
+
+def same(a, b) -> bool:
+    """Bitwise-equal values, NaN equal to NaN (caches carry NaN past the lengths)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def expected_caches(k_cache, v_cache, cache_seqlens, k, v):
+    """The caches after the append, by plain indexing (independent of both backends)."""
+    kc, vc = k_cache.clone(), v_cache.clone()
+    for b in range(k.shape[0]):
+        s = int(cache_seqlens[b])
+        kc[b, s:s + k.shape[1]] = k[b]
+        vc[b, s:s + k.shape[1]] = v[b]
+    return kc, vc

@@ -16,63 +16,11 @@ from grit_kernels import attention
 from grit_kernels._backend import BackendUnavailableError
 from grit_kernels.reference.attention import attention_ref, visible_mask
 
-from helpers import assert_close_to_oracle, compile_for_sm90, cu_seqlens_of
-
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def _padded_inputs(B, Sq, Sk, Hq, Hkv, D, dtype=torch.float32, device="cpu", scale=1.0):
-    q = torch.randn(B, Sq, Hq, D, device=device) * scale
-    k = torch.randn(B, Sk, Hkv, D, device=device) * scale
-    v = torch.randn(B, Sk, Hkv, D, device=device)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _packed_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float32, device="cpu"):
-    cu_q, cu_k = cu_seqlens_of(lens_q, device), cu_seqlens_of(lens_k, device)
-    q = torch.randn(sum(lens_q), Hq, D, device=device).to(dtype)
-    k = torch.randn(sum(lens_k), Hkv, D, device=device).to(dtype)
-    v = torch.randn(sum(lens_k), Hkv, D, device=device).to(dtype)
-    return q, k, v, dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-
-
-def _fwd_bwd(fn, q, k, v, dout, dlse, dtype=None):
-    """Run fn -> (out, lse) and backpropagate (dout, dlse); returns out, lse, dq, dk, dv."""
-    ins = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = fn(*ins)
-    # Rows with lse = -inf have no gradient to give; keep the product finite.
-    dl = torch.where(torch.isfinite(lse), dlse.to(lse.dtype), torch.zeros_like(lse))
-    torch.autograd.backward((out, lse), (dout.to(out.dtype), dl))
-    # No key at all (Sk = 0): autograd leaves k.grad unset where the kernel writes zeros.
-    return (out.detach(), lse.detach(), *(torch.zeros_like(t) if t.grad is None else t.grad for t in ins))
-
-
-def check_attention(q, k, v, *, atol=None, grads=True, **kw):
-    """Kernel (whatever backend is selected) vs the fp64 and low-precision oracles."""
-    dtype = q.dtype
-    atol = ATOL[dtype] if atol is None else atol
-    B_H_S = (q.shape[1], q.shape[0]) if "cu_seqlens_q" in kw else (q.shape[0], q.shape[2], q.shape[1])
-    dout = torch.randn(q.shape, device=q.device)
-    dlse = torch.randn(B_H_S, device=q.device)
-    ref_kw = {n: kw[n] for n in ("causal", "window", "softmax_scale", "cu_seqlens_q", "cu_seqlens_k") if n in kw}
-    if "cu_seqlens_q" in kw and "cu_seqlens_k" not in kw:
-        ref_kw["cu_seqlens_k"] = kw["cu_seqlens_q"]
-    kernel = lambda *t: attention(*t, return_lse=True, **kw)  # noqa: E731
-    got = _fwd_bwd(kernel, q, k, v, dout, dlse) if grads else attention(q, k, v, return_lse=True, **kw)
-    hp = _fwd_bwd(lambda *t: attention_ref(*t, dtype=torch.float64, **ref_kw), q, k, v, dout, dlse, torch.float64)
-    lp = _fwd_bwd(lambda *t: attention_ref(*t, dtype=dtype, **ref_kw), q, k, v, dout, dlse)
-    assert got[1].dtype == torch.float32 and got[0].dtype == dtype
-    empty = torch.isneginf(hp[1])
-    assert torch.equal(torch.isneginf(got[1]), empty), "lse: -inf (rows that see no key) in the wrong places"
-    fin = lambda t: torch.where(empty, torch.zeros_like(t), t)  # noqa: E731
-    assert_close_to_oracle(got[0], hp[0], lp[0], atol=atol, name="out")
-    assert_close_to_oracle(fin(got[1]), fin(hp[1]), fin(lp[1].float()), atol=atol, name="lse")
-    if grads:
-        for name, g, h, lo in zip(("dq", "dk", "dv"), got[2:], hp[2:], lp[2:]):
-            assert g.dtype == dtype and g.shape == h.shape
-            assert_close_to_oracle(g, h, lo, atol=atol, name=name)
-    return got
-
+from helpers import ATTN_MODES as MODES
+from helpers import assert_close_to_oracle, check_attention, compile_for_sm90, cu_seqlens_of
+from helpers import opcheck_args as _opcheck_args
+from helpers import packed_inputs as _packed_inputs
+from helpers import padded_inputs as _padded_inputs
 
 # ---------------------------------------------------------------------------------------
 # the reference itself (independent of the kernels)
@@ -102,10 +50,10 @@ def test_reference_matches_sdpa():
 
 def test_check_detects_a_wrong_mask(monkeypatch):
     """The comparison can fail: a causal result is not accepted as bidirectional."""
-    monkeypatch.setenv("GRIT_BACKEND", "torch")
+    monkeypatch.setenv("GRIT_BACKEND", "cpu")
     q, k, v = _padded_inputs(1, 8, 8, 2, 2, 16)
     out = attention(q, k, v, causal=True)
-    hp, _ = attention_ref(q, k, v, causal=False, dtype=torch.float64)
+    hp, _ = attention_ref(q.double(), k.double(), v.double(), causal=False)
     lp, _ = attention_ref(q, k, v, causal=False)
     with pytest.raises(AssertionError):
         assert_close_to_oracle(out, hp, lp, atol=1e-5)
@@ -115,20 +63,10 @@ def test_check_detects_a_wrong_mask(monkeypatch):
 # kernels vs the oracle (interpreter on CPU)
 # ---------------------------------------------------------------------------------------
 
-MODES = [
-    pytest.param(False, (-1, -1), id="bidirectional"),
-    pytest.param(True, (-1, -1), id="causal"),
-    pytest.param(True, (16, -1), id="causal-window16"),
-    pytest.param(False, (16, 0), id="window(w,0)"),
-    pytest.param(False, (8, 8), id="window(w,w)"),
-    pytest.param(False, (0, 0), id="window(0,0)"),
-    pytest.param(False, (5, 23), id="window(5,23)"),
-    pytest.param(False, (-1, 3), id="window(-1,3)"),
-    pytest.param(False, (40, -1), id="window(40,-1)"),
-]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"], indirect=True)
 @pytest.mark.parametrize("causal, window", MODES)
 @pytest.mark.parametrize("Sq, Sk", [(97, 97), (37, 70), (70, 37)], ids=["Sq=Sk", "Sq<Sk", "Sq>Sk"])
 def test_modes_and_lengths(backend, causal, window, Sq, Sk):
@@ -151,7 +89,7 @@ def test_head_dims(backend, D):
     check_attention(q, k, v, causal=True, window=(20, 0))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+@pytest.mark.parametrize("backend", ["triton", "cpu"], indirect=True)
 @pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (31, 0))],
                          ids=["bidir", "causal", "window(31,0)"])
 def test_packed_mixed_lengths(backend, causal, window):
@@ -171,7 +109,7 @@ def test_packed_different_q_and_k_lengths(backend, causal, window):
     check_attention(q, k, v, causal=causal, window=window, max_seqlen_q=64, max_seqlen_k=50, **cu)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+@pytest.mark.parametrize("backend", ["triton", "cpu"], indirect=True)
 @pytest.mark.parametrize("Sq, Sk, causal", [(1, 1, False), (1, 1, True), (1, 50, True), (50, 1, True),
                                             (1, 50, False), (7, 7, True)])
 def test_one_token_and_tiny(backend, Sq, Sk, causal):
@@ -261,7 +199,7 @@ def test_default_backend_on_cpu_is_torch(monkeypatch):
 
 
 def test_return_lse_false_returns_out_only(monkeypatch):
-    monkeypatch.setenv("GRIT_BACKEND", "torch")
+    monkeypatch.setenv("GRIT_BACKEND", "cpu")
     q, k, v = _padded_inputs(1, 5, 5, 2, 2, 16)
     out = attention(q, k, v)
     assert isinstance(out, torch.Tensor) and out.shape == q.shape
@@ -279,23 +217,16 @@ def test_gpu_configs_are_built_lazily():
         assert len(tri._tuned(which, True, True).configs) == len(tri._GPU_CONFIGS_FP32[which])
 
 
-def _opcheck_args(packed):
-    if packed:
-        q, k, v, cu = _packed_inputs([3, 1, 6], [5, 2, 6], 4, 2, 16)
-        args = (q, k, v, cu["cu_seqlens_q"], cu["cu_seqlens_k"], 6, 6, True, 2, -1, 0.3)
-    else:
-        q, k, v = _padded_inputs(2, 7, 9, 4, 2, 16)
-        args = (q, k, v, None, None, -1, -1, False, 3, 1, 0.25)
-    return tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"], indirect=True)
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_opcheck(backend, packed):
     torch.library.opcheck(torch.ops.grit.attention.default, _opcheck_args(packed))
 
 
-@pytest.mark.parametrize("backend", ["torch"], indirect=True)
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
 def test_opcheck_backward_op(backend):
     q, k, v = _padded_inputs(1, 6, 6, 2, 1, 16)
     out, lse = attention(q, k, v, return_lse=True, causal=True)
@@ -303,7 +234,7 @@ def test_opcheck_backward_op(backend):
     torch.library.opcheck(torch.ops.grit.attention_backward.default, args)
 
 
-@pytest.mark.parametrize("backend", ["torch"], indirect=True)
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
 def test_torch_compile_fullgraph(backend):
     lens = [3, 9]
     q, k, v, cu = _packed_inputs(lens, lens, 4, 2, 16)
@@ -373,7 +304,7 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("backend", ["cpu", "triton"], indirect=True)
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_bad_input(backend, case):
     _name, exc, match, args, kwargs = case

@@ -15,23 +15,31 @@ import itertools
 import pytest
 import torch
 
-from grit_kernels import attention, attention_with_kvcache
-from grit_kernels.ops import _sdpa_attention as fast
-from grit_kernels.ops import attention as attention_op
-from grit_kernels.ops import attention_kvcache as kvcache_op
+from grit_kernels import attention_with_kvcache
+from grit_kernels.cpu import attention as fast
+from grit_kernels.reference import attention as ref_attention
+from grit_kernels.reference import attention_kvcache as ref_kvcache
 from grit_kernels.reference.attention import attention_ref, visible_mask
 
 from helpers import assert_close_to_oracle, cu_seqlens_of
-from test_attention import ATOL, MODES, _fwd_bwd, _opcheck_args
-from test_attention import _packed_inputs as _packed
-from test_attention import _padded_inputs as _padded
-from test_attention_kvcache import check as _kv_check_values
-from test_attention_kvcache import expected_caches, same
+from helpers import ATTN_MODES as MODES
+from helpers import check_attention, expected_caches, same
+from helpers import check_kv as _kv_check_values
+from helpers import opcheck_args as _opcheck_args
+from helpers import packed_inputs as _packed
+from helpers import padded_inputs as _padded
+
+
+def check(q, k, v, *, lse_grad=False, atol=None, **kw):
+    """The cpu backend vs the oracles; by default a loss of out only (the fused backward)."""
+    return check_attention(q, k, v, atol=atol, lse_grad=lse_grad, **kw)
+
+
 
 
 @pytest.fixture(autouse=True)
 def _torch_backend(monkeypatch):
-    monkeypatch.setenv("GRIT_BACKEND", "torch")
+    monkeypatch.setenv("GRIT_BACKEND", "cpu")
 
 
 @pytest.fixture
@@ -40,37 +48,10 @@ def fast_only(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("fell back to the reference")
 
-    monkeypatch.setattr(attention_op.ref, "attention_forward", refuse)
-    monkeypatch.setattr(attention_op.ref, "attention_backward", refuse)
-    monkeypatch.setattr(kvcache_op.ref, "attention_with_kvcache", refuse)
-
-
-def check(q, k, v, *, lse_grad=False, atol=None, **kw):
-    """attention (torch backend) vs the fp64 and same-precision oracles: out, lse, dq, dk, dv.
-
-    ``lse_grad=False`` backpropagates through out only (lse gets a zero gradient: the fast
-    backward); True adds a random lse gradient (the reference's backward takes those).
-    """
-    dtype = q.dtype
-    atol = ATOL[dtype] if atol is None else atol
-    packed = "cu_seqlens_q" in kw
-    lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
-    dout = torch.randn(q.shape)
-    dlse = torch.randn(lse_shape) if lse_grad else torch.zeros(lse_shape)
-    ref_kw = {n: kw[n] for n in ("causal", "window", "softmax_scale", "cu_seqlens_q", "cu_seqlens_k") if n in kw}
-    got = _fwd_bwd(lambda *t: attention(*t, return_lse=True, **kw), q, k, v, dout, dlse)
-    hp = _fwd_bwd(lambda *t: attention_ref(*t, dtype=torch.float64, **ref_kw), q, k, v, dout, dlse, torch.float64)
-    lp = _fwd_bwd(lambda *t: attention_ref(*t, dtype=dtype, **ref_kw), q, k, v, dout, dlse)
-    assert got[0].dtype == dtype and got[1].dtype == torch.float32
-    empty = torch.isneginf(hp[1])
-    assert torch.equal(torch.isneginf(got[1]), empty), "lse: -inf (rows that see no key) in the wrong places"
-    fin = lambda t: torch.where(empty, torch.zeros_like(t), t)  # noqa: E731
-    assert_close_to_oracle(got[0], hp[0], lp[0], atol=atol, name="out")
-    assert_close_to_oracle(fin(got[1]), fin(hp[1]), fin(lp[1].float()), atol=atol, name="lse")
-    for name, g, h, lo in zip(("dq", "dk", "dv"), got[2:], hp[2:], lp[2:]):
-        assert g.dtype == dtype and g.shape == h.shape
-        assert_close_to_oracle(g, h, lo, atol=atol, name=name)
-    return got
+    for module in (ref_attention, ref_kvcache):
+        for name in ("forward", "backward"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refuse)
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,7 +321,7 @@ def test_kvcache_prefill_then_decode_equals_full_sequence(fast_only):
         for b, s in enumerate(starts):
             kc[b, :s], vc[b, :s] = k[b, :s], v[b, :s]
         seqlens = torch.tensor(starts, dtype=torch.int32)
-        hp, _ = attention_ref(q, k, v, causal=True, dtype=torch.float64)
+        hp, _ = attention_ref(q.double(), k.double(), v.double(), causal=True)
         lp, _ = attention_ref(q, k, v, causal=True)
         for n in [prefill] + [1] * decode:
             idx = seqlens.long()[:, None] + torch.arange(n)

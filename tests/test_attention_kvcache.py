@@ -17,46 +17,14 @@ import torch
 
 import grit_kernels
 from grit_kernels import attention_with_kvcache
-from grit_kernels.reference import attention_kvcache as ref
-from helpers import assert_close_reordered, assert_close_to_oracle, compile_for_sm90
+from grit_kernels.reference.attention import attention_ref, visible_mask
+from helpers import KV_ATOL as ATOL
+from helpers import assert_close_reordered, assert_close_to_oracle, compile_for_sm90, expected_caches, same
+from helpers import check_kv as check
+from helpers import kv_oracles as oracles
+from helpers import rand
 
-CPU_BACKENDS = ["torch", "triton"]
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-
-
-def rand(*shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, dtype=torch.float32).to(dtype).to(device)
-
-
-def oracles(q, k, v, *, causal=True, window=(-1, -1), softmax_scale=None, seqlens_k=None):
-    """(fp64 oracle, same reference in the inputs' precision) for the tolerance rule."""
-    kw = dict(causal=causal, window=window, softmax_scale=softmax_scale, seqlens_k=seqlens_k)
-    hp = ref.attention_ref(q.double(), k.double(), v.double(), **kw)
-    lp = ref.attention_ref(q, k, v, upcast=q.dtype == torch.float32, **kw)
-    return hp, lp
-
-
-def check(out, q, k, v, name="out", **kw):
-    hp, lp = oracles(q, k, v, **kw)
-    assert out.dtype == q.dtype
-    assert_close_to_oracle(out, hp, lp, atol=ATOL[q.dtype], name=name)
-
-
-def same(a, b) -> bool:
-    """Bitwise-equal values, NaN equal to NaN (caches carry NaN past the lengths)."""
-    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-def expected_caches(k_cache, v_cache, cache_seqlens, k, v):
-    """The caches after the append, by plain indexing (independent of both backends)."""
-    kc, vc = k_cache.clone(), v_cache.clone()
-    for b in range(k.shape[0]):
-        s = int(cache_seqlens[b])
-        kc[b, s:s + k.shape[1]] = k[b]
-        vc[b, s:s + k.shape[1]] = v[b]
-    return kc, vc
-
-
+CPU_BACKENDS = ["cpu", "triton"]
 # ---------------------------------------------------------------------------------------
 # reference sanity: the oracle itself against a dense masked softmax written another way
 # ---------------------------------------------------------------------------------------
@@ -64,17 +32,17 @@ def expected_caches(k_cache, v_cache, cache_seqlens, k, v):
 
 def test_reference_mask_matches_flash_attn_convention():
     # Sq=2 new tokens over 5 keys (cache of 3): bottom-right aligned diagonal.
-    m = ref.attention_mask(2, 5, causal=True, window=(-1, -1))
+    m = visible_mask(2, 5, True, (-1, -1))
     assert m.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
-    m = ref.attention_mask(3, 6, causal=False, window=(1, 0))
+    m = visible_mask(3, 6, False, (1, 0))
     assert m.tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]]
-    m = ref.attention_mask(2, 2, causal=True, window=(-1, 5))  # causal ignores right
+    m = visible_mask(2, 2, True, (-1, 5))  # causal ignores right
     assert m.tolist() == [[1, 0], [1, 1]]
 
 
 def test_reference_equals_sdpa():
     q, k, v = rand(2, 5, 4, 16), rand(2, 5, 2, 16), rand(2, 5, 2, 16)
-    out = ref.attention_ref(q, k, v, causal=True)
+    out, _ = attention_ref(q, k, v, causal=True)
     expect = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, 1), v.transpose(1, 2).repeat_interleave(2, 1),
         is_causal=True,
@@ -532,8 +500,9 @@ for dt, group, causal, left, right, split, bm, bn, bd in [
     ("bf16", 8, True, True, False, False, 128, 64, 128),  # prefill over a cache, window
     ("fp32", 1, False, True, True, True, 32, 32, 64),     # ieee dot, bidirectional window
 ]:
-    kbuild(m._attn_kernel, attn_types("*" + dt), dict(GROUP=group, CAUSAL=causal, HAS_LEFT=left, HAS_RIGHT=right,
-                                                     SPLIT=split, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn,
+    kbuild(m._attn_kernel, attn_types("*" + dt), dict(GROUP=group, CAUSAL=causal, HAS_LEFT=left, HAS_RIGHT=causal or right,
+                                                     SPLIT=split, PREC="ieee" if dt == "fp32" else "tf32",
+                                                     BLOCK_M=bm, BLOCK_N=bn,
                                                      BLOCK_D=bd))
 kbuild(m._combine_kernel, {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
        dict(GROUP=4, BLOCK_S=32, CHUNK=16, BLOCK_D=128))

@@ -129,7 +129,7 @@ def _gather_worker(rank, backend):
         raise AssertionError("a target past the local documents was accepted")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_gather_matches_single_process(two_ranks, backend):
     _assert_ok(two_ranks, f"gather_{backend}")
 
@@ -182,7 +182,7 @@ def test_grad_cache_under_ddp_matches_plain_ddp(two_ranks):
 
 
 CHECKS = {
-    "gather_torch": functools.partial(_gather_worker, backend="torch"),
+    "gather_cpu": functools.partial(_gather_worker, backend="cpu"),
     "gather_triton": functools.partial(_gather_worker, backend="triton"),
     "grad_cache_ddp": _ddp_worker,
 }

@@ -14,7 +14,7 @@ from grit_kernels import mean_pool
 from grit_kernels.reference import mean_pool as ref
 from helpers import compile_for_sm90, cu_seqlens_of, reduction_atol
 
-CPU_BACKENDS = ["torch", "cuda", "triton"]
+CPU_BACKENDS = ["cpu", "cuda", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

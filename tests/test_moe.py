@@ -16,7 +16,7 @@ from helpers import assert_close_to_oracle, compile_for_sm90, reduction_atol
 import grit_kernels
 from grit_kernels import moe_aux_loss, moe_experts, moe_route
 from grit_kernels import _backend
-from grit_kernels.ops import moe as ops
+from grit_kernels.cuda import moe as cuda_moe
 from grit_kernels.reference import moe as ref
 
 transformers = pytest.importorskip("transformers")
@@ -25,7 +25,7 @@ from transformers.models.mixtral import modeling_mixtral as hf  # noqa: E402
 
 needs_C = pytest.mark.skipif(not _backend.has_C(), reason="grit_kernels._C not built")
 KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=needs_C)]
-ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]
+ALL_BACKENDS = ["cpu", *KERNEL_BACKENDS]
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +85,7 @@ def random_experts(T, D, F, E, dtype=torch.float32, scale=0.3):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=needs_C)], indirect=True)
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=needs_C)], indirect=True)
 @pytest.mark.parametrize("E,K", [(8, 2), (4, 1), (16, 4), (64, 8), (128, 2)])  # E > 64: torch-ops fallback
 @pytest.mark.parametrize("T", [1, 3, 257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -106,7 +106,7 @@ def test_route_matches_transformers(backend, E, K, T, dtype):
     assert_weights_close(weights, want_w, logits.shape[-1])
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=needs_C)], indirect=True)
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=needs_C)], indirect=True)
 def test_route_ties_lowest_index_first(backend):
     logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, -1.0, 1.0, 0.0, 0.0],
                            [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
@@ -130,7 +130,7 @@ def test_route_host_build_vs_reference(dtype, monkeypatch):
     assert_weights_close(weights, want_w, logits.shape[-1])
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=needs_C)], indirect=True)
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=needs_C)], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_route_backward(backend, dtype):
     logits = torch.randn(9, 8).to(dtype).requires_grad_()
@@ -170,7 +170,7 @@ def _routings(T, K, E):
 @pytest.mark.parametrize("block_m", [1, 16, 64])
 def test_sort_host_build_vs_reference(T, K, E, block_m):
     for name, experts in _routings(T, K, E):
-        got = ops._cuda_sort(experts.reshape(-1).contiguous(), E, block_m)
+        got = cuda_moe.sort(experts.reshape(-1).contiguous(), E, block_m)
         want = ref.sort_align(experts, E, block_m)
         for what, a, b in zip(("sorted_ids", "tile_expert", "offsets"), got, want):
             assert torch.equal(a, b), f"{name}: {what} differs"
@@ -192,14 +192,14 @@ def test_combine_host_build_vs_reference(dtype):
     experts = torch.randint(-1, E + 1, (T, K), dtype=torch.int32)
     w = torch.rand(T * K)
     for weights in (w, None):
-        got = ops._cuda_combine(y, weights, experts, E, K, dtype)
+        got = cuda_moe.combine_weighted(y, weights, experts, E, K, dtype)
         want = ref.combine(y, K, weights, experts, E, dtype)
         assert got.dtype == dtype
         # K fp32 adds in another order at most, then rounded to dtype (one unit of it)
         torch.testing.assert_close(got.float(), want.float(), rtol=torch.finfo(dtype).eps,
                                    atol=reduction_atol(want.float(), torch.float32, K))
     # Same fixed order of the K adds: bitwise equal in fp32.
-    assert torch.equal(ops._cuda_combine(y, None, None, E, K, torch.float32), ref.combine(y, K))
+    assert torch.equal(cuda_moe.combine_weighted(y, None, None, E, K, torch.float32), ref.combine(y, K))
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def _check_grads(x, w1, w2, w3, weights, experts, *, factor=2.0):
     "backend,T,D,F,E,K",
     # the torch backend's hand-written backward needs no large T to be exercised
     [pytest.param(b, *shape, marks=[needs_C] if b == "cuda" else [], id="-".join(map(str, (b, *shape))))
-     for b in ("torch", "triton", "cuda") for shape in GRAD_SHAPES if not (b == "torch" and shape[0] > 100)],
+     for b in ("cpu", "triton", "cuda") for shape in GRAD_SHAPES if not (b == "cpu" and shape[0] > 100)],
     indirect=["backend"],
 )
 def test_gradients_vs_reference(backend, T, D, F, E, K):
@@ -430,7 +430,7 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.grit.moe_route.default, (torch.randn(5, 8, requires_grad=True), 2))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("backend", ["cpu", "triton"], indirect=True)
 def test_compile_fullgraph(backend):
     a = _good(T=5, D=16, F=32, E=4, K=2)
     gate = torch.randn(4, 16)
@@ -459,7 +459,7 @@ def test_public_names():
 _AOT_SCRIPT = r"""
 import torch
 from grit_kernels.triton import moe as m
-from grit_kernels.reference.moe import max_tiles
+from grit_kernels._shared import max_tiles
 
 def experts(dt, T, save, E=8, K=2, D=4096, F=14336):
     TK = T * K
@@ -467,7 +467,7 @@ def experts(dt, T, save, E=8, K=2, D=4096, F=14336):
     n_tiles = max_tiles(TK, E, cfg.block_m)
     p, i32, f32 = "*" + dt, "*i32", "*fp32"  # routing weights in the activations' dtype
     rows = dict(sorted_ptr=i32, tile_expert_ptr=i32, TK=TK, D=D, F=F, n_tiles=n_tiles)
-    tiles = dict(IEEE=cfg.ieee, BM=cfg.block_m, BK=cfg.block_k, GROUP_M=cfg.group_m)
+    tiles = dict(PREC="ieee" if cfg.ieee else "tf32", BM=cfg.block_m, BK=cfg.block_k, GROUP_M=cfg.group_m)
     opts = (cfg.num_warps, cfg.num_stages)
     compile_launch(m._gate_up_kernel, dict(x_ptr=p, w1_ptr=p, w3_ptr=p, gu_ptr=p, h_ptr=p, **rows),
                    dict(K_TOP=K, SAVE=save, BN=cfg.block_n, **tiles), *opts)
@@ -480,7 +480,7 @@ def experts(dt, T, save, E=8, K=2, D=4096, F=14336):
                    dict(K_TOP=K, BN=cfg.block_n, **tiles), *opts)
     compile_launch(m._dx_kernel, dict(dgu_ptr=p, w1_ptr=p, w3_ptr=p, dxs_ptr=f32, **rows),
                    dict(BN=cfg.block_n, **tiles), *opts)
-    dw = dict(K_TOP=K, IEEE=cfg.ieee, BI=cfg.block_dw, BJ=cfg.block_dw, BR=cfg.block_r, GROUP_M=cfg.group_m)
+    dw = dict(K_TOP=K, PREC="ieee" if cfg.ieee else "tf32", BI=cfg.block_dw, BJ=cfg.block_dw, BR=cfg.block_r, GROUP_M=cfg.group_m)
     compile_launch(m._dw_kernel, dict(a_ptr=p, b_ptr=p, sorted_ptr=i32, offsets_ptr=i32, rw_ptr=p, out_ptr=p,  # dw3
                                       TK=TK, I=F, J=D, a_stride=2 * F, b_stride=D, a_col0=F),
                    dict(A_GATHER=False, B_GATHER=True, A_SCALE=False, **dw), *opts)
@@ -540,12 +540,12 @@ def test_gpu_experts(backend, dtype, T, D, F, E, K):
 def test_gpu_sort_and_combine(T, K, E, block_m):
     for name, experts in _routings(T, K, E):
         experts = experts.cuda()
-        got = ops._cuda_sort(experts.reshape(-1).contiguous(), E, block_m)
+        got = cuda_moe.sort(experts.reshape(-1).contiguous(), E, block_m)
         want = ref.sort_align(experts, E, block_m)
         for what, a, b in zip(("sorted_ids", "tile_expert", "offsets"), got, want):
             assert torch.equal(a, b), f"{name}: {what} differs"
         y = torch.randn(T * K, 96, device="cuda")
-        torch.testing.assert_close(ops._cuda_combine(y, None, experts, E, K, torch.bfloat16).float(),
+        torch.testing.assert_close(cuda_moe.combine_weighted(y, None, experts, E, K, torch.bfloat16).float(),
                                    ref.combine(y, K, None, experts, E, torch.bfloat16).float())
 
 

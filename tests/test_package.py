@@ -37,18 +37,21 @@ def test_import_touches_neither_cuda_nor_triton():
 
 def test_default_selection(monkeypatch):
     monkeypatch.delenv("GRIT_BACKEND", raising=False)
-    assert _backend.select("op", "cpu") == "torch"
+    assert _backend.select("op", "cpu") == "cpu"
     expected = "cuda" if _backend.has_C() else "triton"
     assert _backend.select("op", "cuda") == expected
-    assert _backend.select("op", "cuda", ("torch", "triton")) == "triton"
+    assert _backend.select("op", "cuda", ("cpu", "triton")) == "triton"
 
 
 def test_forcing(monkeypatch):
-    monkeypatch.setenv("GRIT_BACKEND", "torch")
-    assert _backend.select("op", "cuda") == "torch"
+    monkeypatch.setenv("GRIT_BACKEND", "reference")
+    assert _backend.select("op", "cuda") == "reference"
+    monkeypatch.setenv("GRIT_BACKEND", "cpu")
+    with pytest.raises(_backend.BackendUnavailableError, match="runs CPU tensors"):
+        _backend.select("op", "cuda")
     monkeypatch.setenv("GRIT_BACKEND", "cuda")
     with pytest.raises(_backend.BackendUnavailableError, match="no cuda backend"):
-        _backend.select("op", "cpu", ("torch", "triton"))
+        _backend.select("op", "cpu", ("cpu", "triton"))
     monkeypatch.setenv("GRIT_BACKEND", "Triton ")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _backend.select("op", "cpu") == "triton"

@@ -4,10 +4,10 @@ torch.library registration, autograd.
     attention(q_BSHD, k_BSHD, v_BSHD, *, causal, window, softmax_scale, return_lse)
     attention(q_THD, k_THD, v_THD, cu_seqlens_q=cu_B1, cu_seqlens_k=cu_B1, max_seqlen_q=.., ...)
 
-Backends: ``triton`` (grit_kernels/triton/attention.py) for CUDA tensors, ``torch`` for CPU
-tensors: PyTorch's fused CPU attention kernel (grit_kernels/ops/_sdpa_attention.py), and
-grit_kernels/reference/attention.py for what that does not cover; ``GRIT_BACKEND`` forces one
-(the triton backend runs CPU tensors under ``TRITON_INTERPRET=1``). There is no csrc kernel.
+Backends (grit_kernels/_backend.py), each a module with the same ``forward`` / ``backward``:
+``triton`` (grit_kernels/triton/attention.py) for CUDA tensors, ``cpu``
+(grit_kernels/cpu/attention.py, PyTorch's fused CPU kernel) for CPU tensors, ``reference``
+when forced. There is no csrc kernel.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import math
 import torch
 
 from .. import _backend
-from ..reference import attention as ref
 from . import _checks
-from . import _sdpa_attention as fast
 
-_SUPPORTED = ("torch", "triton")
+BACKENDS = _backend.Table("attention", ("reference", "cpu", "triton"))
 MAX_HEAD_DIM = 256
 
 
@@ -42,15 +40,16 @@ def attention(
     """softmax(q kᵀ · softmax_scale + mask) v, with flash-attn's conventions.
 
     Padded layout:
-        q: (B, Sq, Hq, D), k, v: (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32
+        q: (B, Sq, Hq, Dh), k, v: (B, Sk, Hkv, Dh) -> out (B, Sq, Hq, Dh), lse (B, Hq, Sq) fp32
     Packed layout (sequences back to back, no padding):
-        q: (Tq, Hq, D), k, v: (Tk, Hkv, D), cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets
+        q: (Tq, Hq, Dh), k, v: (Tk, Hkv, Dh), cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets
         (sequence b is ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``; the last entry must equal T;
-        cu_seqlens_k defaults to cu_seqlens_q) -> out (Tq, Hq, D), lse (Hq, Tq) fp32.
-        ``max_seqlen_q/k`` (the longest sequence) spare a read of cu_seqlens when given.
+        cu_seqlens_k defaults to cu_seqlens_q) -> out (Tq, Hq, Dh), lse (Hq, Tq) fp32.
+        ``max_seqlen_q/k`` (the longest sequence) are checked against cu_seqlens, which are read
+        once per tensor and call (a host copy on CUDA).
 
     Hq must be a multiple of Hkv (GQA/MQA: query head h uses KV head ``h // (Hq // Hkv)``).
-    D up to 256; q, k, v share a dtype (fp16, bf16, fp32) and have a contiguous last dim.
+    Dh up to 256; q, k, v share a dtype (fp16, bf16, fp32) and have a contiguous last dim.
 
     Mask. With ``shift = Sk - Sq`` (per sequence), query i sees key j iff
     ``j <= i + shift + right`` and ``j >= i + shift - left`` for ``window=(left, right)``,
@@ -71,7 +70,7 @@ def attention(
     ``causal=False, window=(-1, -1)`` is bidirectional (GRIT's embedding mode);
     ``window=(w, 0)`` is Mistral's sliding window of w + 1 keys.
 
-    softmax_scale defaults to 1/sqrt(D). Differentiable in q, k and v (also through lse).
+    softmax_scale defaults to 1/sqrt(Dh). Differentiable in q, k and v (also through lse).
 
     Returns: out, or (out, lse) when ``return_lse``.
     """
@@ -80,7 +79,7 @@ def attention(
     if cu_seqlens_q is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = torch.ops.grit.attention(
+    out, lse = _attention_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k,
         -1 if max_seqlen_q is None else int(max_seqlen_q), -1 if max_seqlen_k is None else int(max_seqlen_k),
         bool(causal), left, right, scale,
@@ -181,19 +180,9 @@ def _attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (q's shape, contiguous), lse fp32 (B, Hq, Sq) or (Hq, Tq)). max_seqlen -1 = read from cu_seqlens."""
     max_q, max_k = _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    backend = _backend.select("attention", q.device.type, _SUPPORTED)
-    window = (window_left, window_right)
-    if backend == "torch":
-        if not fast.supports(q, k, v):  # e.g. CUDA tensors with GRIT_BACKEND=torch
-            out, lse = ref.attention_forward(q, k, v, causal, window, softmax_scale, cu_seqlens_q, cu_seqlens_k)
-        elif cu_seqlens_q is None:
-            out, lse = fast.forward(q, k, v, causal, window, softmax_scale)
-        else:
-            out, lse = fast.forward_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, softmax_scale)
-        return out.contiguous(), lse.float().contiguous()
-    from ..triton import attention as tri
-
-    return tri.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, window, softmax_scale)
+    impl = BACKENDS.select(q.device.type)
+    return impl.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, (window_left, window_right),
+                        softmax_scale)
 
 
 def _lse_shape(q, cu_seqlens_q):
@@ -228,30 +217,14 @@ def _attention_backward_op(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped like (q, k, v) from d out (and d lse, None when unused)."""
-    backend = _backend.select("attention", q.device.type, _SUPPORTED)
-    window = (window_left, window_right)
+    impl = BACKENDS.select(q.device.type)
     # Gradients from .sum() arrive expanded (stride 0): the kernels want a dense head dim.
     dout = dout.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
-    if backend == "torch":
-        # The fused kernel's backward has no lse gradient: a nonzero one (return_lse=True and lse
-        # used in the loss) goes to the reference. Autograd hands an unused lse zeros, not None.
-        if fast.supports(q, k, v) and (dlse is None or not bool(dlse.any())):
-            if cu_seqlens_q is None:
-                grads = fast.backward(dout, q, k, v, out, lse, causal, window, softmax_scale)
-            else:
-                grads = fast.backward_packed(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, window,
-                                             softmax_scale)
-        else:
-            grads = ref.attention_backward(dout, dlse, q, k, v, out, lse, causal, window, softmax_scale,
-                                           cu_seqlens_q, cu_seqlens_k)
-        return tuple(g.contiguous() for g in grads)
-    from ..triton import attention as tri
-
     if max_seqlen_q < 0 or max_seqlen_k < 0:
         max_seqlen_q, max_seqlen_k = _check_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return tri.backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        causal, window, softmax_scale)
+    return impl.backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, (window_left, window_right), softmax_scale)
 
 
 @_attention_backward_op.register_fake
@@ -269,7 +242,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.grit.attention_backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

@@ -1,16 +1,16 @@
 """Attention over a KV cache with in-place append: validation, backend dispatch, torch.library.
 
-    attention_with_kvcache(q_BSHD, k_cache_BTKD, v_cache_BTKD, cache_seqlens_B,
-                           k_BSKD=None, v_BSKD=None, *, causal=True, window=(-1, -1),
-                           softmax_scale=None)                                  -> (B, Sq, Hq, D)
+    attention_with_kvcache(q_BSHD, k_cache_BLHD, v_cache_BLHD, cache_seqlens_B,
+                           k_BSHD=None, v_BSHD=None, *, causal=True, window=(-1, -1),
+                           softmax_scale=None)                                  -> (B, Sq, Hq, Dh)
 
-Legend: B batch, S = Sq new tokens, T = S_max cache capacity, H = Hq query heads,
-K = Hkv key/value heads, D head dim.
+Shapes: B batch, Sq new tokens, L_max cache capacity, Hq query heads, Hkv key/value heads,
+Dh head dim.
 
-Backends: ``triton`` (grit_kernels/triton/attention_kvcache.py: append kernel, split-KV
-Flash-Decoding kernel, logsumexp combine) and ``torch`` (PyTorch's fused CPU attention kernel
-through grit_kernels/ops/_sdpa_attention.py, and grit_kernels/reference/attention_kvcache.py
-for what that does not cover); see grit_kernels/_backend.py. There is no csrc kernel for this op.
+Backends (grit_kernels/_backend.py), each a module with the same ``forward``: ``triton``
+(grit_kernels/triton/attention_kvcache.py: append kernel, split-KV Flash-Decoding kernel,
+logsumexp combine), ``cpu`` (grit_kernels/cpu/attention_kvcache.py, PyTorch's fused CPU
+kernel), ``reference`` when forced. There is no csrc kernel for this op.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import weakref
 import torch
 
 from .. import _backend
-from ..reference import attention_kvcache as ref
 from . import _checks
-from . import _sdpa_attention as fast
 
-_SUPPORTED = ("torch", "triton")
+BACKENDS = _backend.Table("attention_kvcache", ("reference", "cpu", "triton"))
 MAX_HEAD_DIM = 256  # flash-attn's limit; the Triton kernel keeps a (rows, D) tile on chip
 
 
@@ -45,15 +43,15 @@ def attention_with_kvcache(
     ``flash_attn_with_kvcache`` conventions).
 
     Arguments:
-        q: (B, Sq, Hq, D) queries of the Sq new tokens.
-        k_cache, v_cache: (B, S_max, Hkv, D), same dtype as q. Written in place when k/v are
+        q: (B, Sq, Hq, Dh) queries of the Sq new tokens.
+        k_cache, v_cache: (B, L_max, Hkv, Dh), same dtype as q. Written in place when k/v are
             given. Any strides, except that the last dim must be contiguous.
         cache_seqlens: (B,) int32, tokens already in each row's cache. Rows may differ.
             NOT advanced by this call (as in flash-attn): the caller adds Sq afterwards.
-        k, v: (B, Sq, Hkv, D) or both None. When given they are written to
+        k, v: (B, Sq, Hkv, Dh) or both None. When given they are written to
             ``cache[b, cache_seqlens[b] : cache_seqlens[b] + Sq]`` and row b attends to
             ``Sk_b = cache_seqlens[b] + Sq`` keys; without them to ``Sk_b = cache_seqlens[b]``.
-            Nothing at or past ``Sk_b`` is read. Requires ``cache_seqlens[b] + Sq <= S_max``.
+            Nothing at or past ``Sk_b`` is read. Requires ``cache_seqlens[b] + Sq <= L_max``.
         causal: bottom-right aligned causal mask: query i sees key j iff
             ``j <= i + Sk_b - Sq``. Decode of Sq = 2 tokens on a cache of 3 (Sk = 5)::
 
@@ -66,9 +64,9 @@ def attention_with_kvcache(
         window: (left, right) inclusive sliding window, -1 = unbounded:
             ``j >= i + Sk_b - Sq - left`` and, without causal, ``j <= i + Sk_b - Sq + right``
             (causal means right = 0; a right value is then ignored).
-        softmax_scale: defaults to 1 / sqrt(D).
+        softmax_scale: defaults to 1 / sqrt(Dh).
 
-    Returns: (B, Sq, Hq, D) in q's dtype. Queries that see no key (only possible without k/v,
+    Returns: (B, Sq, Hq, Dh) in q's dtype. Queries that see no key (only possible without k/v,
     e.g. an empty cache row) get zeros.
 
     Inference only: not differentiable (no backward is registered; calling backward through
@@ -77,12 +75,12 @@ def attention_with_kvcache(
     on CUDA is one small device-to-host copy (a sync); on CUDA it is skipped when the same
     ``cache_seqlens`` tensor was already checked and not modified since (the other layers
     of a decode step) and while a CUDA graph is being captured (a sync is illegal there).
-    Whatever the lengths say, the kernels never read or write outside ``[0, S_max)`` of a
+    Whatever the lengths say, the kernels never read or write outside ``[0, L_max)`` of a
     row. The caches must not alias themselves or each other (no expanded views).
     """
     left, right = _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.grit.attention_with_kvcache(
+    return _attention_with_kvcache_op(
         q, k_cache, v_cache, cache_seqlens, k, v, bool(causal), left, right, scale
     )
 
@@ -194,24 +192,9 @@ def _attention_with_kvcache_op(
 ) -> torch.Tensor:
     """(B, Sq, Hq, D) output; k_cache/v_cache get k/v appended in place (when given)."""
     _check_values(cache_seqlens, k_cache.shape[1], q.shape[1] if k is not None else 0)
-    backend = _backend.select("attention_with_kvcache", q.device.type, _SUPPORTED)
-    window = (window_left, window_right)
-    if backend == "torch":
-        if not fast.supports(q, k_cache, v_cache):  # e.g. CUDA tensors with GRIT_BACKEND=torch
-            return ref.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal=causal,
-                                              window=window, softmax_scale=softmax_scale)
-        lengths = cache_seqlens.tolist()
-        if k is not None:
-            ref.append_kv(k_cache, v_cache, cache_seqlens, k, v)  # the slices flash-attn writes, row by row
-            lengths = [n + q.shape[1] for n in lengths]
-        return fast.kvcache_forward(q, k_cache, v_cache, lengths, causal, window, softmax_scale).contiguous()
-    from ..triton import attention_kvcache as tri
-
-    cache_seqlens = cache_seqlens.contiguous()  # the kernels index it densely (a view may be strided)
-    if k is not None:
-        tri.append_kv(k_cache, v_cache, cache_seqlens, k, v)
-    return tri.attention(q, k_cache, v_cache, cache_seqlens, q.shape[1] if k is not None else 0,
-                         causal=causal, window=window, softmax_scale=softmax_scale)
+    impl = BACKENDS.select(q.device.type)
+    return impl.forward(q, k_cache, v_cache, cache_seqlens, k, v, causal, (window_left, window_right),
+                        softmax_scale)
 
 
 @_attention_with_kvcache_op.register_fake

@@ -3,8 +3,9 @@
     contrastive_loss(q_BD, d_ND, *, temperature=0.02, targets=None, normalize=True,
                      reduction="mean", gather=False) -> () or (B,) fp32
 
-Backends: ``triton`` (grit_kernels/triton/contrastive_loss.py, never holds the B x N
-logits) and ``torch`` (grit_kernels/reference/contrastive_loss.py); see grit_kernels/_backend.py.
+Backends (grit_kernels/_backend.py), each a module with the same ``forward`` / ``backward``:
+``triton`` (grit_kernels/triton/contrastive_loss.py), ``cpu`` (grit_kernels/cpu/contrastive_loss.py),
+both without ever holding the B x N logits, and ``reference``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import numbers
 import torch
 
 from .. import _backend
-from ..reference import contrastive_loss as ref
 from . import _checks
 
-_SUPPORTED = ("torch", "triton")
+BACKENDS = _backend.Table("contrastive_loss", ("reference", "cpu", "triton"))
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -62,14 +62,14 @@ def contrastive_loss(
     B, N = q.shape[0], d.shape[0]
     explicit = targets is not None
     if targets is None:
-        targets = ref.default_targets(B, N, q.device)
+        targets = torch.arange(B, dtype=torch.int64, device=q.device) * (N // B)  # GritLM's layout
     targets = targets.to(torch.int64).contiguous()
     if gather:
         if explicit:
             _check_target_values(targets, N)
         q, d, targets = _gather(q, d, targets)
         explicit = False  # checked above, against the local N
-    loss, _lse, _a, _b = torch.ops.grit.contrastive_loss(q, d, targets, float(temperature), bool(normalize), explicit)
+    loss, _lse, _a, _b = _contrastive_loss_op(q, d, targets, float(temperature), bool(normalize), explicit)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -171,14 +171,6 @@ def _all_gather_rows(x, rows, rank):
 # ---------------------------------------------------------------------------------------
 
 
-def _scales(q, d, temperature: float, normalize: bool):
-    """(a (B,), b (N,)) fp32 with logits = (q · d) * a_i * b_j, for the torch backend."""
-    if normalize:
-        return ref.inv_norm(q) / temperature, ref.inv_norm(d)
-    return (torch.full((q.shape[0],), 1.0 / temperature, dtype=torch.float32, device=q.device),
-            torch.ones(d.shape[0], dtype=torch.float32, device=d.device))
-
-
 @torch.library.custom_op("grit::contrastive_loss", mutates_args=())
 def _contrastive_loss_op(
     q: torch.Tensor,
@@ -192,14 +184,8 @@ def _contrastive_loss_op(
     row scales of the logits (a = 1 / (|q| T), b = 1 / |d|), saved for the backward."""
     if check_targets:
         _check_target_values(targets, d.shape[0])
-    backend = _backend.select("contrastive_loss", q.device.type, _SUPPORTED)
-    q, d, targets = q.contiguous(), d.contiguous(), targets.contiguous()
-    if backend == "torch":
-        loss, lse = ref.forward(q, d, targets, temperature, normalize)
-        return (loss, lse, *_scales(q, d, temperature, normalize))
-    from ..triton import contrastive_loss as tri
-
-    return tri.forward(q, d, targets, temperature, normalize)
+    impl = BACKENDS.select(q.device.type)
+    return impl.forward(q.contiguous(), d.contiguous(), targets.contiguous(), temperature, normalize)
 
 
 @_contrastive_loss_op.register_fake
@@ -222,16 +208,10 @@ def _contrastive_loss_backward_op(
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq (B, D), dd (N, D)) in the inputs' dtype from dL/dloss (B,)."""
-    backend = _backend.select("contrastive_loss", q.device.type, _SUPPORTED)
+    impl = BACKENDS.select(q.device.type)
     # Gradients of .mean()/.sum() arrive expanded (stride 0).
-    grad_loss = grad_loss.float().contiguous()
-    q, d, targets = q.contiguous(), d.contiguous(), targets.contiguous()
-    if backend == "torch":
-        return ref.backward(grad_loss, q, d, targets, temperature, normalize)
-    from ..triton import contrastive_loss as tri
-
-    return tri.backward(grad_loss, q, d, targets, lse.contiguous(), a.contiguous(), b.contiguous(),
-                        temperature, normalize)
+    return impl.backward(grad_loss.float().contiguous(), q.contiguous(), d.contiguous(), targets.contiguous(),
+                         lse.contiguous(), a.contiguous(), b.contiguous(), temperature, normalize)
 
 
 @_contrastive_loss_backward_op.register_fake
@@ -251,7 +231,7 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_a, _grad_b):
     q, d, targets, lse, a, b = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None, None
-    dq, dd = torch.ops.grit.contrastive_loss_backward(grad_loss, q, d, targets, lse, a, b, ctx.temperature,
+    dq, dd = _contrastive_loss_backward_op(grad_loss, q, d, targets, lse, a, b, ctx.temperature,
                                                       ctx.normalize)
     return dq, dd, None, None, None, None
 

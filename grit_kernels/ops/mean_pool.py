@@ -3,8 +3,9 @@
     mean_pool(hidden_BSD, mask_BS, *, normalize=False, weighted=False)             -> (B, D) fp32
     mean_pool(hidden_TD, cu_seqlens=cu_B1, skip=skip_B, normalize=..., weighted=...) -> (B, D) fp32
 
-Backends: ``cuda`` (csrc/mean_pool.cu), ``triton`` (grit_kernels/triton/mean_pool.py),
-``torch`` (grit_kernels/reference/mean_pool.py); see grit_kernels/_backend.py.
+Backends (grit_kernels/_backend.py), each a module with the same ``forward`` / ``backward``:
+``cuda`` (grit_kernels/cuda/mean_pool.py over csrc/mean_pool.cu), ``triton``
+(grit_kernels/triton/mean_pool.py), ``cpu`` (grit_kernels/cpu/mean_pool.py), ``reference``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ..reference import mean_pool as ref
 from . import _checks
-from ._cuda import DTYPE_CODES, ptr, sm_count, stream, vec_width
 
-_SUPPORTED = ("torch", "triton", "cuda")
+BACKENDS = _backend.Table("mean_pool", ("reference", "cpu", "triton", "cuda"))
 
 
 def mean_pool(
@@ -51,7 +50,7 @@ def mean_pool(
     _validate(hidden, mask, cu_seqlens, skip)
     if cu_seqlens is not None and skip is None:
         skip = torch.zeros(cu_seqlens.numel() - 1, dtype=torch.int32, device=hidden.device)
-    out, _norm, _den = torch.ops.grit.mean_pool(hidden, mask, cu_seqlens, skip, bool(normalize), bool(weighted))
+    out, _norm, _den = _mean_pool_op(hidden, mask, cu_seqlens, skip, bool(normalize), bool(weighted))
     return out
 
 
@@ -92,14 +91,6 @@ def _check_values(cu_seqlens, skip, total: int) -> None:
         raise ValueError(f"skip: expected non-negative instruction lengths, got {skip.tolist()[:16]}")
 
 
-def _padded_weights(mask: torch.Tensor, weighted: bool) -> torch.Tensor:
-    """(B, S) fp32 token weights: 1 per pooled token, or its rank 1..n when weighted.
-
-    B*S floats next to hidden's B*S*D elements, so preparing them in torch is noise.
-    """
-    return ref.token_weights_padded(mask, weighted).contiguous()
-
-
 # ---------------------------------------------------------------------------------------
 # torch.library registration
 # ---------------------------------------------------------------------------------------
@@ -116,18 +107,8 @@ def _mean_pool_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out (B, D), norm (B,) of the unnormalised mean, den (B,) weight sums), fp32."""
     _check_values(cu_seqlens, skip, hidden.shape[0])
-    backend = _backend.select("mean_pool", hidden.device.type, _SUPPORTED)
-    hidden = hidden.contiguous()
-    if backend == "torch":
-        out, norm = ref.mean_pool_forward(hidden, mask, cu_seqlens, skip, normalize, weighted)
-        den = _row_denominators(mask, cu_seqlens, skip, weighted, hidden.shape[0])
-        return out, norm, den
-    if backend == "triton":
-        from ..triton import mean_pool as tri
-
-        weights = _padded_weights(mask, weighted) if mask is not None else None
-        return tri.forward(hidden, weights, cu_seqlens, skip, normalize, weighted)
-    return _cuda_forward(hidden, mask, cu_seqlens, skip, normalize, weighted)
+    impl = BACKENDS.select(hidden.device.type)
+    return impl.forward(hidden.contiguous(), mask, cu_seqlens, skip, normalize, weighted)
 
 
 @_mean_pool_op.register_fake
@@ -152,18 +133,10 @@ def _mean_pool_backward_op(
     weighted: bool,
 ) -> torch.Tensor:
     """d hidden (same shape and dtype as hidden) from d out (B, D)."""
-    backend = _backend.select("mean_pool", hidden.device.type, _SUPPORTED)
+    impl = BACKENDS.select(hidden.device.type)
     # Gradients from .sum() arrive expanded (stride 0): the kernels want dense rows.
-    grad_out = grad_out.contiguous()
-    if backend == "torch":
-        return ref.mean_pool_backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, normalize, weighted)
-    dy = ref.grad_of_mean(grad_out, out, norm, normalize).contiguous()
-    if backend == "triton":
-        from ..triton import mean_pool as tri
-
-        weights = _padded_weights(mask, weighted) if mask is not None else None
-        return tri.backward(hidden, weights, cu_seqlens, skip, dy, den, weighted)
-    return _cuda_backward(hidden, mask, cu_seqlens, skip, dy, den, weighted)
+    return impl.backward(grad_out.contiguous(), hidden, mask, cu_seqlens, skip, out, norm, den, normalize,
+                         weighted)
 
 
 @_mean_pool_backward_op.register_fake
@@ -180,81 +153,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_norm, _grad_den):
     hidden, mask, cu_seqlens, skip, out, norm, den = ctx.saved_tensors
-    grad_hidden = torch.ops.grit.mean_pool_backward(
+    grad_hidden = _mean_pool_backward_op(
         grad_out, hidden, mask, cu_seqlens, skip, out, norm, den, ctx.normalize, ctx.weighted
     )
     return grad_hidden, None, None, None, None, None
 
 
 _mean_pool_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------
-# helpers shared by the cuda and triton backends
-# ---------------------------------------------------------------------------------------
-
-
-def _row_denominators(mask, cu_seqlens, skip, weighted, total) -> torch.Tensor:
-    """(B,) fp32 sum of each row's token weights."""
-    if mask is not None:
-        return ref.token_weights_padded(mask, weighted).sum(dim=1)
-    n = (cu_seqlens[1:] - cu_seqlens[:-1] - skip).clamp_min(0).to(torch.float64)
-    return (n * (n + 1) / 2 if weighted else n).to(torch.float32)
-
-
-def _layout(hidden, mask, cu_seqlens):
-    """(B, S, D, T) as csrc wants them."""
-    if cu_seqlens is not None:
-        return cu_seqlens.numel() - 1, 0, hidden.shape[1], hidden.shape[0]
-    B, S, D = hidden.shape
-    return B, S, D, B * S
-
-
-def _cuda_forward(hidden, mask, cu_seqlens, skip, normalize, weighted):
-    C = _backend.C()
-    B, S, D, T = _layout(hidden, mask, cu_seqlens)
-    weights = _padded_weights(mask, weighted) if mask is not None else None
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    if B == 0 or hidden.numel() == 0:
-        # Nothing to read: every row pools nothing (zeros, like the other backends). csrc is
-        # not called, since an empty tensor's null data pointer reads as a missing argument.
-        return torch.zeros((B, D), **f32), torch.zeros((B,), **f32), torch.zeros((B,), **f32)
-    out, norm, den = torch.empty((B, D), **f32), torch.empty((B,), **f32), torch.empty((B,), **f32)
-    common = dict(
-        hidden=ptr(hidden), weights=ptr(weights), cu_seqlens=ptr(cu_seqlens), skip=ptr(skip),
-        out=ptr(out), norm=ptr(norm), den=ptr(den), B=B, S=S, D=D, T=T, weighted=weighted,
-        normalize=normalize, dtype=DTYPE_CODES[hidden.dtype],
-    )
-    if not hidden.is_cuda:
-        C.mean_pool_forward_host(**common)
-        return out, norm, den
-    vec = vec_width(hidden, D)
-    col_blocks = -(-D // (32 * vec))
-    # Aim for ~4 blocks per SM; split rows along S only when B * col_blocks falls short.
-    row_len = S if mask is not None else max(1, T // max(B, 1))
-    splits = max(1, min(-(-4 * sm_count(hidden.device.index) // max(B * col_blocks, 1)), -(-row_len // 32), 65535))
-    workspace = torch.empty(splits * B * D, **f32)
-    counters = torch.zeros(B, dtype=torch.int32, device=hidden.device)
-    C.mean_pool_forward(**common, workspace=ptr(workspace), counters=ptr(counters), splits=splits, vec=vec,
-                        stream=stream(hidden))
-    return out, norm, den
-
-
-def _cuda_backward(hidden, mask, cu_seqlens, skip, dy, den, weighted):
-    C = _backend.C()
-    B, S, D, T = _layout(hidden, mask, cu_seqlens)
-    weights = _padded_weights(mask, weighted) if mask is not None else None
-    if B == 0 or hidden.numel() == 0:
-        return torch.zeros_like(hidden)  # see _cuda_forward
-    dhidden = torch.empty_like(hidden)
-    den = den.contiguous()
-    common = dict(
-        hidden=ptr(hidden), weights=ptr(weights), cu_seqlens=ptr(cu_seqlens), skip=ptr(skip), dy=ptr(dy),
-        den=ptr(den), dhidden=ptr(dhidden), B=B, S=S, D=D, T=T, weighted=weighted,
-        dtype=DTYPE_CODES[hidden.dtype],
-    )
-    if not hidden.is_cuda:
-        C.mean_pool_backward_host(**common)
-    else:
-        C.mean_pool_backward(**common, vec=min(vec_width(hidden, D), vec_width(dhidden, D)), stream=stream(hidden))
-    return dhidden

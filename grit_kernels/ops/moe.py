@@ -15,13 +15,17 @@ A Mixtral MoE layer is::
                                                          # and through weights the router logits
     loss = lm_loss + coef * moe_aux_loss((router_logits, ...), top_k=2, mask=attention_mask)
 
-Backends (grit_kernels/_backend.py):
-  ``torch``  - reference/moe.py (CPU tensors, or forced).
-  ``cuda``   - csrc/moe.cu: routing, sort/align and the fp32 combine; the expert GEMMs are the
-               Triton kernels of grit_kernels/triton/moe.py.
-  ``triton`` - Triton GEMMs; routing, sort/align and combine with torch ops (no host sync).
+Backends (grit_kernels/_backend.py), each a module with the same ``route`` / ``forward`` /
+``backward`` (forward and backward being the experts'):
+  ``cuda``      - grit_kernels/cuda/moe.py: csrc/moe.cu's routing, sort/align and fp32 combine
+                  around the Triton expert GEMMs.
+  ``triton``    - grit_kernels/triton/moe.py: Triton GEMMs; routing, sort/align and combine
+                  with torch ops (grit_kernels/_shared.py, no host sync).
+  ``cpu``       - grit_kernels/cpu/moe.py: one GEMM per expert over the expert-sorted slots.
+  ``reference`` - grit_kernels/reference/moe.py, when forced.
 No host synchronisation on CUDA tensors: out-of-range expert ids are therefore only
-rejected for CPU tensors; on the GPU their slots contribute zero.
+rejected for CPU tensors; on the GPU their slots contribute zero. The load-balancing loss
+is a few torch ops on any device, differentiated by autograd (no backend choice).
 """
 
 from __future__ import annotations
@@ -29,15 +33,9 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ..reference import moe as ref
 from . import _checks
-from ._cuda import DTYPE_CODES, ptr, stream
 
-_SUPPORTED = ("torch", "triton", "cuda")
-# csrc's routing kernel keeps a row of probabilities and the top-k in registers.
-CUDA_MAX_EXPERTS = 64
-CUDA_MAX_TOP_K = 8
-CUDA_SORT_MAX_EXPERTS = 256  # csrc's sort keeps per-warp counters of every expert in shared memory
+BACKENDS = _backend.Table("moe", ("reference", "cpu", "triton", "cuda"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,7 +53,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int = 2):
     """
     _checks.check_tensor("router_logits", router_logits, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     top_k = _check_top_k(top_k, router_logits.shape[1], "router_logits")
-    return torch.ops.grit.moe_route(router_logits, top_k)
+    return _moe_route_op(router_logits, top_k)
 
 
 def moe_experts(x, w1, w2, w3, weights, experts):
@@ -71,7 +69,7 @@ def moe_experts(x, w1, w2, w3, weights, experts):
     if experts.dtype != torch.int32:
         experts = experts.to(torch.int32)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, w3, weights))
-    return torch.ops.grit.moe_experts(x, w1, w2, w3, weights, experts.contiguous(), save)[0]
+    return _moe_experts_op(x, w1, w2, w3, weights, experts.contiguous(), save)[0]
 
 
 def moe_aux_loss(router_logits, top_k: int = 2, mask=None, num_experts: int | None = None):
@@ -107,7 +105,7 @@ def moe_aux_loss(router_logits, top_k: int = 2, mask=None, num_experts: int | No
         elif n == 0 or rows[0] % n:
             raise ValueError(
                 f"mask: {tuple(mask.shape)} covers {n} tokens; router_logits' {rows[0]} rows are not a multiple")
-    return ref.aux_loss(router_logits, top_k, mask, E)
+    return _aux_loss(layers, stacked, top_k, mask, E)
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,12 +151,35 @@ def _validate_experts(x, w1, w2, w3, weights, experts) -> None:
             raise ValueError(f"experts: ids must be in [0, E) = [0, {E}), got values in [{lo}, {hi}]")
 
 
-def _select(device_type: str) -> str:
-    backend = _backend.select("moe", device_type, _SUPPORTED)
+def _aux_loss(layers, stacked: bool, top_k: int, mask, E: int) -> torch.Tensor:
+    """E * sum_e (share of top-k assignments to e) * (mean router probability of e), over
+    every layer's (masked) tokens at once: one softmax, one top-k, one one-hot sum."""
+    if stacked and mask is not None and layers[0].shape[0] >= mask.numel():
+        logits = layers[0]  # (L*T, E): the layers back to back, each masked alike
+        keep = (mask.reshape(-1) != 0).repeat(logits.shape[0] // mask.numel())
+    else:
+        logits = torch.cat(layers) if len(layers) > 1 else layers[0]
+        keep = None if mask is None else (mask.reshape(-1) != 0).to(logits.device).repeat(len(layers))
+    probs = torch.softmax(logits.float(), dim=-1)  # (R, E)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    assigned = torch.zeros_like(probs).scatter_(1, chosen, 1.0)  # (R, E): 1 per top-k pick
+    if keep is not None:
+        w = keep.to(device=probs.device, dtype=torch.float32)[:, None]
+        probs, assigned = probs * w, assigned * w
+        rows = w.sum()
+    else:
+        rows = torch.tensor(float(probs.shape[0]), device=probs.device)
+    return (assigned.sum(dim=0) / rows * (probs.sum(dim=0) / rows)).sum() * E
+
+
+def _select(device_type: str):
+    """The backend module; triton and cuda run their Triton GEMMs on CPU only when interpreted."""
+    impl = BACKENDS.select(device_type)
+    backend = impl.__name__.split(".")[-2]
     if backend in ("triton", "cuda") and device_type == "cpu" and not _backend.triton_interpret():
         raise _backend.BackendUnavailableError(
             f"moe: GRIT_BACKEND={backend} on CPU tensors needs TRITON_INTERPRET=1 (the expert GEMMs are Triton)")
-    return backend
+    return impl
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,22 +189,9 @@ def _select(device_type: str) -> str:
 
 @torch.library.custom_op("grit::moe_route", mutates_args=())
 def _moe_route_op(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = _backend.select("moe_route", router_logits.device.type, _SUPPORTED)
-    logits = router_logits.contiguous()
-    T, E = logits.shape
-    if backend == "cuda" and E <= CUDA_MAX_EXPERTS and top_k <= CUDA_MAX_TOP_K:
-        C = _backend.C()
-        weights = torch.empty((T, top_k), dtype=logits.dtype, device=logits.device)
-        experts = torch.empty((T, top_k), dtype=torch.int32, device=logits.device)
-        args = dict(logits=ptr(logits), weights=ptr(weights), experts=ptr(experts), T=T, E=E, top_k=top_k,
-                    dtype=DTYPE_CODES[logits.dtype])
-        if logits.is_cuda:
-            C.moe_route(**args, stream=stream(logits))
-        else:
-            C.moe_route_host(**args)
-        return weights, experts
-    # torch and triton backends (and E > 64 or k > 8): torch ops, no host sync either.
-    return ref.route(logits, top_k)
+    # The routing has no Triton GEMM: the triton module's torch ops run on interpreted CPU too.
+    impl = BACKENDS.select(router_logits.device.type)
+    return impl.route(router_logits.contiguous(), top_k)
 
 
 @_moe_route_op.register_fake
@@ -221,27 +229,6 @@ _moe_route_op.register_autograd(_route_backward, setup_context=_route_setup_cont
 # ---------------------------------------------------------------------------------------
 
 
-def _plan(x, w1, K: int):
-    """Tile sizes for the kernels (from static shapes only, so the fake impl agrees)."""
-    from ..triton import moe as tri
-
-    T, D = x.shape
-    E, F, _ = w1.shape
-    return tri.plan(T * K, E, D, F, x.dtype, x.device.type == "cuda")
-
-
-def _sort(experts, E: int, block_m: int, backend: str):
-    if backend == "cuda" and E <= CUDA_SORT_MAX_EXPERTS:
-        return _cuda_sort(experts, E, block_m)
-    return ref.sort_align(experts, E, block_m)
-
-
-def _combine(y_SD, experts, E: int, K: int, out_dtype, backend: str):
-    if backend == "cuda":
-        return _cuda_combine(y_SD, None, experts, E, K, out_dtype)
-    return ref.combine(y_SD, K, None, experts, E, out_dtype)
-
-
 @torch.library.custom_op("grit::moe_experts", mutates_args=())
 def _moe_experts_op(
     x: torch.Tensor,
@@ -252,46 +239,14 @@ def _moe_experts_op(
     experts: torch.Tensor,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (T, D), then what the backward reads: sorted_ids (M,), tile_expert,
-    offsets (E + 1,), gu (M, 2F) pre-activations, h (M, F) SwiGLU output; empty on the torch
-    backend or when ``save`` is False)."""
-    backend = _select(x.device.type)
-    if backend == "torch":
-        out = ref.experts_forward(x, w1, w2, w3, weights, experts)
-        e = x.new_empty((0,), dtype=torch.int32)
-        return out, e, e.clone(), e.clone(), x.new_empty((0,)), x.new_empty((0,))
-    from ..triton import moe as tri
-
-    T, D = x.shape
-    E, F, _ = w1.shape
-    K = experts.shape[1]
-    x, w1, w2, w3 = x.contiguous(), w1.contiguous(), w2.contiguous(), w3.contiguous()
-    cfg = _plan(x, w1, K)
-    sorted_ids, tile_expert, offsets = _sort(experts, E, cfg.block_m, backend)
-    gu, h = tri.gate_up(x, w1, w3, sorted_ids, tile_expert, K, cfg, save)
-    y_SD = tri.down(h, w2, weights.contiguous().reshape(-1), sorted_ids, tile_expert, T * K, cfg)
-    out = _combine(y_SD, experts, E, K, x.dtype, backend)
-    if not save:  # two distinct empties: custom_op outputs may not alias each other
-        gu, h = x.new_empty((0,)), x.new_empty((0,))
-    return out, sorted_ids, tile_expert, offsets, gu, h
+    """Returns (out (T, D), then what the backward reads: sorted_ids, tile_expert, offsets,
+    gu pre-activations, h SwiGLU output; backend-specific shapes, empty where unused)."""
+    return _select(x.device.type).forward(x, w1, w2, w3, weights, experts, save)
 
 
 @_moe_experts_op.register_fake
 def _(x, w1, w2, w3, weights, experts, save):
-    T, D = x.shape
-    E, F, _ = w1.shape
-    K = experts.shape[1]
-    out = x.new_empty((T, D))
-    if _select(x.device.type) == "torch":
-        e = x.new_empty((0,), dtype=torch.int32)
-        return out, e, e.clone(), e.clone(), x.new_empty((0,)), x.new_empty((0,))
-    cfg = _plan(x, w1, K)
-    n_tiles = ref.max_tiles(T * K, E, cfg.block_m)
-    M = n_tiles * cfg.block_m
-    i32 = dict(dtype=torch.int32)
-    gu = x.new_empty((M, 2 * F)) if save else x.new_empty((0,))
-    h = x.new_empty((M, F)) if save else x.new_empty((0,))
-    return out, x.new_empty((M,), **i32), x.new_empty((n_tiles,), **i32), x.new_empty((E + 1,), **i32), gu, h
+    return x.new_empty(x.shape), *_select(x.device.type).saved_like(x, w1, experts, save)
 
 
 @torch.library.custom_op("grit::moe_experts_backward", mutates_args=())
@@ -310,31 +265,9 @@ def _moe_experts_backward_op(
     h: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw1, dw2, dw3, dweights), each shaped and typed like its input."""
-    backend = _select(x.device.type)
     # Gradients from .sum() arrive expanded (stride 0): the kernels want dense rows.
-    grad_out = grad_out.contiguous()
-    if backend == "torch" or gu.numel() == 0:
-        return ref.experts_backward(grad_out, x, w1, w2, w3, weights, experts)
-    from ..triton import moe as tri
-
-    T, D = x.shape
-    E, F, _ = w1.shape
-    K = experts.shape[1]
-    TK = T * K
-    x, w1, w2, w3 = x.contiguous(), w1.contiguous(), w2.contiguous(), w3.contiguous()
-    w_flat = weights.contiguous().reshape(-1)
-    cfg = _plan(x, w1, K)
-    # d(gate, up) per sorted row, and the routing weights' gradient as per-F-tile partial dots.
-    dgu, dw_part = tri.down_backward(grad_out, w2, gu, w_flat, sorted_ids, tile_expert, K, cfg)
-    row_dw = dw_part.sum(dim=0)  # fixed order over F tiles: deterministic
-    dweights = torch.zeros(TK + 1, dtype=torch.float32, device=x.device)
-    dweights.scatter_(0, sorted_ids.long(), row_dw)  # padding rows land on the scratch slot TK
-    dweights = dweights[:TK].reshape(T, K).to(weights.dtype)
-    dxs_SD = tri.dx(dgu, w1, w3, sorted_ids, tile_expert, TK, cfg)
-    dx = _combine(dxs_SD, experts, E, K, x.dtype, backend)
-    dw1, dw3 = tri.dw_gate_up(dgu, x, sorted_ids, offsets, K, cfg)
-    dw2 = tri.dw_down(grad_out, h, w_flat, sorted_ids, offsets, K, cfg)
-    return dx, dw1, dw2, dw3, dweights
+    return _select(x.device.type).backward(grad_out.contiguous(), x, w1, w2, w3, weights, experts, sorted_ids,
+                                           tile_expert, offsets, gu, h)
 
 
 @_moe_experts_backward_op.register_fake
@@ -350,45 +283,8 @@ def _experts_setup_context(ctx, inputs, output):
 
 
 def _experts_backward(ctx, grad_out, *_unused):
-    dx, dw1, dw2, dw3, dweights = torch.ops.grit.moe_experts_backward(grad_out, *ctx.saved_tensors)
+    dx, dw1, dw2, dw3, dweights = _moe_experts_backward_op(grad_out, *ctx.saved_tensors)
     return dx, dw1, dw2, dw3, dweights, None, None
 
 
 _moe_experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_context)
-
-
-# ---------------------------------------------------------------------------------------
-# csrc (cuda backend): device launches, or the host build on CPU tensors
-# ---------------------------------------------------------------------------------------
-
-
-def _cuda_sort(experts, E: int, block_m: int):
-    C = _backend.C()
-    TK = experts.numel()
-    n_tiles = ref.max_tiles(TK, E, block_m)
-    dev = experts.device
-    sorted_ids = torch.empty(n_tiles * block_m, dtype=torch.int32, device=dev)
-    tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=dev)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    args = dict(experts=ptr(experts), sorted_ids=ptr(sorted_ids), tile_expert=ptr(tile_expert),
-                offsets=ptr(offsets), TK=TK, E=E, block_m=block_m, n_tiles=n_tiles)
-    if experts.is_cuda:
-        C.moe_sort(**args, stream=stream(experts))
-    else:
-        C.moe_sort_host(**args)
-    return sorted_ids, tile_expert, offsets
-
-
-def _cuda_combine(y_SD, weights, experts, E: int, K: int, out_dtype):
-    """y (TK, D) fp32 -> (T, D) in out_dtype; weights (TK,) fp32 or None (= 1)."""
-    C = _backend.C()
-    TK, D = y_SD.shape
-    y_SD = y_SD.contiguous()
-    out = torch.empty((TK // K, D), dtype=out_dtype, device=y_SD.device)
-    args = dict(y=ptr(y_SD), weights=ptr(weights), experts=ptr(experts), out=ptr(out), T=TK // K, K=K, D=D, E=E,
-                dtype=DTYPE_CODES[out_dtype])
-    if y_SD.is_cuda:
-        C.moe_combine(**args, stream=stream(y_SD))
-    else:
-        C.moe_combine_host(**args)
-    return out

@@ -1,4 +1,4 @@
-"""In-batch contrastive (InfoNCE) loss in plain PyTorch: the oracle for tests and the CPU path.
+"""In-batch contrastive (InfoNCE) loss in plain PyTorch: the oracle for tests and the reference backend.
 
 Written for clarity, not memory: it holds the whole (B, N) logit matrix. Semantics are
 GritLM's ``DistributedContrastiveLoss`` (gritlm/training/model.py):
@@ -42,15 +42,18 @@ def contrastive_loss(q_BD, d_ND, targets_B=None, *, temperature=0.02, normalize=
 
 
 def forward(q, d, targets, temperature: float, normalize: bool):
-    """The op's forward: (loss (B,) fp32 per query, lse (B,) fp32 logsumexp of each row)."""
+    """The op's forward: (loss (B,) per query, lse (B,) logsumexp of each row, and the row
+    scales a (B,), b (N,) of the logits, unused here), fp32."""
     x = logits(q, d, temperature, normalize)
     lse = torch.logsumexp(x, dim=1)
     loss = lse - x.gather(1, targets.long()[:, None])[:, 0]
-    return loss, lse
+    a = torch.full((q.shape[0],), 1.0 / temperature, device=q.device)
+    return loss, lse, a, torch.ones(d.shape[0], device=d.device)
 
 
-def backward(grad_loss, q, d, targets, temperature: float, normalize: bool):
-    """(dq, dd) in the inputs' dtype for ``forward``'s per-query loss, written out by hand
+def backward(grad_loss, q, d, targets, lse, a, b, temperature: float, normalize: bool):
+    """(dq, dd) in the inputs' dtype for ``forward``'s per-query loss (lse, a, b unused: it
+    recomputes everything, as an oracle should), written out by hand
     (a custom op's implementation runs below autograd, so it cannot call autograd):
 
         dL/dlogits = g_i (softmax_ij - [j = t_i])
@@ -73,8 +76,3 @@ def _normalize_backward(grad_hat, x, x_hat):
     # Below eps F.normalize divides by the constant eps: no radial term.
     radial = torch.where(norm > NORM_EPS, x_hat * (x_hat * grad_hat).sum(dim=1, keepdim=True), 0.0)
     return (grad_hat - radial) / norm.clamp_min(NORM_EPS)
-
-
-def inv_norm(x: torch.Tensor) -> torch.Tensor:
-    """(R,) fp32 1 / max(|x_r|, eps): what F.normalize divides each row by."""
-    return 1.0 / x.float().norm(dim=1).clamp_min(NORM_EPS)

@@ -1,4 +1,4 @@
-"""Masked mean pooling in plain PyTorch: the oracle for tests and the CPU path.
+"""Masked mean pooling in plain PyTorch: the oracle for tests and the reference backend.
 
 Written for clarity, not speed. Semantics are GritLM's (gritlm/gritlm.py, ``pooling``):
 
@@ -76,11 +76,14 @@ def mean_pool_packed(hidden_TD, cu_seqlens, skip, *, normalize=False, weighted=F
     return _finish(*_sums_packed(hidden_TD, cu_seqlens, skip, weighted, dtype), normalize)[0]
 
 
-def mean_pool_forward(hidden, mask, cu_seqlens, skip, normalize, weighted):
-    """The op's forward in one call: (out (B, D) fp32, norm (B,) fp32 of the unnormalised mean)."""
+def forward(hidden, mask, cu_seqlens, skip, normalize, weighted):
+    """The op's forward: (out (B, D), norm (B,) of the unnormalised mean, den (B,) weight sums), fp32."""
     if mask is not None:
-        return _finish(*_sums_padded(hidden, mask, weighted, torch.float32), normalize)
-    return _finish(*_sums_packed(hidden, cu_seqlens, skip, weighted, torch.float32), normalize)
+        sums, den = _sums_padded(hidden, mask, weighted, torch.float32)
+    else:
+        sums, den = _sums_packed(hidden, cu_seqlens, skip, weighted, torch.float32)
+    out, norm = _finish(sums, den, normalize)
+    return out, norm, den
 
 
 def grad_of_mean(grad_out, out, norm, normalize):
@@ -96,8 +99,9 @@ def grad_of_mean(grad_out, out, norm, normalize):
     return torch.where(norm[:, None] > NORM_EPS, (g - out * (out * g).sum(dim=1, keepdim=True)) / d, g / d)
 
 
-def mean_pool_backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, normalize, weighted):
-    """d hidden for ``mean_pool_forward``: every token gets ``w / den * dy`` of its row."""
+def backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, den, normalize, weighted):
+    """d hidden for ``forward``: every token gets ``w / den * dy`` of its row (``den`` is
+    recomputed from the weights, as an oracle should)."""
     dy = grad_of_mean(grad_out, out, norm, normalize)
     if mask is not None:
         w = token_weights_padded(mask, weighted)

@@ -1,4 +1,4 @@
-"""Mixtral mixture-of-experts in plain PyTorch: the oracle for tests and the CPU path.
+"""Mixtral mixture-of-experts in plain PyTorch: the oracle for tests and the reference backend.
 
 Written for clarity, not speed. Semantics are transformers' Mixtral
 (models/mixtral/modeling_mixtral.py: MixtralTopKRouter, MixtralExperts, load_balancing_loss_func).
@@ -60,7 +60,7 @@ def experts_forward(x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, experts_TK):
 
 
 def experts_backward(grad_out_TD, x_TD, w1_EFD, w2_EDF, w3_EFD, weights_TK, experts_TK):
-    """Hand-written gradients of ``experts_forward`` (the torch backend's backward; tests
+    """Hand-written gradients of ``experts_forward`` (the reference backend's backward; tests
     check it against autograd through ``experts_forward``). Per expert e and its slots s:
 
         g = x w1_e^T, u = x w3_e^T, a = silu(g) u, y = a w2_e^T      (y: unweighted output)
@@ -136,48 +136,57 @@ def aux_loss(router_logits, top_k: int, mask=None, num_experts: int | None = Non
 
 
 # ---------------------------------------------------------------------------------------
-# The expert-sorted layout (the oracle for csrc's moe_sort and the device-side torch path)
+# the op's reference backend (GRIT_BACKEND=reference): route / forward / backward
 # ---------------------------------------------------------------------------------------
 
 
-def max_tiles(TK: int, E: int, block_m: int) -> int:
-    """Upper bound on sum_e ceil(count_e / BM) for TK slots over E experts (no sync needed)."""
-    return -(-TK // block_m) + E
+def saved_like(x, w1, experts, save: bool):
+    e = x.new_empty((0,), dtype=torch.int32)
+    return e, e.clone(), e.clone(), x.new_empty((0,)), x.new_empty((0,))
+
+
+def forward(x, w1, w2, w3, weights, experts, save: bool):
+    """(out, then five empty tensors: the backward recomputes everything)."""
+    return experts_forward(x, w1, w2, w3, weights, experts), *saved_like(x, w1, experts, save)
+
+
+def backward(grad_out, x, w1, w2, w3, weights, experts, sorted_ids, tile_expert, offsets, gu, h):
+    return experts_backward(grad_out, x, w1, w2, w3, weights, experts)
+
+
+# ---------------------------------------------------------------------------------------
+# The expert-sorted layout, spelled out: the oracle for csrc's moe_sort and moe_combine
+# ---------------------------------------------------------------------------------------
 
 
 def sort_align(experts_TK: torch.Tensor, E: int, block_m: int):
-    """Slots grouped by expert, each expert's group padded to a multiple of BM.
+    """Slots grouped by expert, each group padded to a multiple of BM, written with loops.
 
-    Returns
-      sorted_ids_M   int32 (max_tiles * BM,): slot at each sorted row, TK for padding rows;
-                     within an expert, slots in increasing order (deterministic);
-      tile_expert    int32 (max_tiles,): expert of each BM-row tile, -1 past the last tile;
-      offsets_E1     int32 (E + 1,): first sorted row of each expert (padded prefix sums).
-    Slots with an expert id outside [0, E) are left out. No host synchronisation.
+    Returns (sorted_ids (n_tiles * BM,) int32: the slot of each sorted row, TK on padding
+    rows, slots increasing within an expert; tile_expert (n_tiles,) int32: each tile's
+    expert, -1 past the last used tile; offsets (E + 1,) int32: each expert's first row),
+    with n_tiles = ceil(TK / BM) + E, the bound that needs no count. Out-of-range ids are
+    left out.
     """
-    flat = experts_TK.reshape(-1).long()
-    TK = flat.numel()
-    device = flat.device
-    n_tiles = max_tiles(TK, E, block_m)
-    valid = (flat >= 0) & (flat < E)
-    key = torch.where(valid, flat, torch.full_like(flat, E))  # invalid ids sort last
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))[:E]
-    padded = (counts + block_m - 1) // block_m * block_m
-    offsets = torch.zeros(E + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.cumsum(padded, 0)
-    starts = torch.zeros(E + 1, dtype=torch.int64, device=device)
-    starts[1:E + 1] = torch.cumsum(counts, 0)
-    order = torch.sort(key, stable=True).indices
-    sorted_key = key[order]
-    rank = torch.arange(TK, device=device) - starts[sorted_key.clamp_max(E - 1)]
-    dest = torch.where(sorted_key < E, offsets[sorted_key.clamp_max(E - 1)] + rank,
-                       torch.full_like(rank, n_tiles * block_m))  # dropped: a scratch row past the end
-    sorted_ids = torch.full((n_tiles * block_m + 1,), TK, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    tile_start = torch.arange(n_tiles, device=device) * block_m
-    tile_expert = torch.searchsorted(offsets[1:].contiguous(), tile_start, right=True)
-    tile_expert = torch.where(tile_expert < E, tile_expert, torch.full_like(tile_expert, -1))
-    return sorted_ids[:-1].contiguous(), tile_expert.to(torch.int32), offsets.to(torch.int32)
+    flat = experts_TK.reshape(-1).tolist()
+    TK = len(flat)
+    n_tiles = -(-TK // block_m) + E
+    sorted_ids = [TK] * (n_tiles * block_m)
+    tile_expert = [-1] * n_tiles
+    offsets = [0] * (E + 1)
+    row = 0
+    for e in range(E):
+        offsets[e] = row
+        slots = [s for s in range(TK) if flat[s] == e]
+        for i, s in enumerate(slots):
+            sorted_ids[row + i] = s
+        tiles = -(-len(slots) // block_m)
+        for t in range(tiles):
+            tile_expert[row // block_m + t] = e
+        row += tiles * block_m
+    offsets[E] = row
+    as_i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=experts_TK.device)  # noqa: E731
+    return as_i32(sorted_ids), as_i32(tile_expert), as_i32(offsets)
 
 
 def combine(y_SD: torch.Tensor, top_k: int, weights_TK=None, experts_TK=None, num_experts: int = 0,
@@ -185,13 +194,14 @@ def combine(y_SD: torch.Tensor, top_k: int, weights_TK=None, experts_TK=None, nu
     """out[t] = sum_j weights[t, j] * y[t * K + j] in fp32 (weights default to 1), slots of
     out-of-range experts skipped (when experts_TK is given), cast to ``out_dtype``."""
     TK, D = y_SD.shape
-    y = y_SD.float().reshape(TK // top_k, top_k, D)
-    if weights_TK is not None:
-        y = y * weights_TK.float().reshape(-1, top_k, 1)
-    if experts_TK is not None:
-        ok = (experts_TK >= 0) & (experts_TK < num_experts)
-        y = torch.where(ok.reshape(-1, top_k, 1), y, torch.zeros((), dtype=y.dtype, device=y.device))
-    out = torch.zeros(TK // top_k, D, dtype=torch.float32, device=y.device)
+    T = TK // top_k
+    out = torch.zeros(T, D, dtype=torch.float32, device=y_SD.device)
     for j in range(top_k):  # fixed order: j = 0, 1, ..., K - 1
-        out = out + y[:, j]
+        term = y_SD[j::top_k].float()
+        if weights_TK is not None:
+            term = term * weights_TK.reshape(T, top_k)[:, j:j + 1].float()
+        if experts_TK is not None:
+            e = experts_TK.reshape(T, top_k)[:, j:j + 1]
+            term = torch.where((e >= 0) & (e < num_experts), term, 0.0)
+        out = out + term
     return out.to(out_dtype or y_SD.dtype)

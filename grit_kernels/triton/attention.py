@@ -1,5 +1,12 @@
 """FlashAttention-2 in Triton: forward kernel, backward kernels (preprocess, dK/dV, dQ), launchers.
 
+Napkin math (GritLM-7B: Hq = 32, Hkv = 8, Dh = 128, bf16): the forward does 4 * S^2 * Dh FLOPs
+per head (QKᵀ and PV; half when causal) and reads q, k, v, writes out once (about
+2 * 4 * S * Dh bytes per head): at S = 4096 that is 1024 FLOP per byte, far above an H100's
+~300 (989 TFLOP/s over 3.35 TB/s), so it is compute-bound and the goal is tensor-core
+throughput (>= 400 TFLOP/s bidirectional at S >= 4k, >= SDPA's flash backend). The backward
+does 2.5x the forward's FLOPs (five GEMMs against two).
+
 Same contract as grit_kernels/reference/attention.py (flash-attn's masks). One kernel family
 serves causal and bidirectional attention, sliding windows, GQA and both layouts:
 
@@ -40,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from ._common import LN2, LOG2E, key_range, precision, softmax_step, visible
 
 
 @triton.jit
@@ -60,66 +67,42 @@ def _seq_bounds(b, CU_Q, CU_K, SEQ_Q, SEQ_K, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """[lo, hi) rounded out to whole blocks, and inside it [mid_lo, mid_hi): the blocks that
+    lie within [full_lo, full_hi) entirely (no mask needed)."""
+    lo = lo // BLOCK * BLOCK
+    hi = tl.maximum((hi + BLOCK - 1) // BLOCK * BLOCK, lo)
+    mid_lo = tl.minimum(tl.maximum((full_lo + BLOCK - 1) // BLOCK * BLOCK, lo), hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi // BLOCK * BLOCK, mid_lo), hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
 def _kv_range(m0, q_len, k_len, left, right,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key range of the Q block [m0, m0 + BLOCK_M): [lo, hi) in BLOCK_N multiples, and inside it
     [mid_lo, mid_hi), the blocks every row of the Q block sees whole (no mask needed)."""
     shift = k_len - q_len  # bottom-right aligned diagonal
     m_last = m0 + BLOCK_M - 1
-    lo = m0 * 0
-    hi = k_len
-    full_lo = m0 * 0  # first key every row sees
-    full_hi = k_len   # one past the last key every row sees
-    if HAS_LEFT:
-        lo = tl.maximum(m0 + shift - left, 0)
-        full_lo = tl.maximum(m_last + shift - left, 0)
-    if HAS_RIGHT:
-        hi = tl.minimum(tl.maximum(m_last + shift + right + 1, 0), k_len)
-        full_hi = tl.minimum(tl.maximum(m0 + shift + right + 1, 0), k_len)
     # Rows past q_len: their results are never stored, any mask is fine for them.
-    lo = lo // BLOCK_N * BLOCK_N
-    hi = tl.maximum((hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
-    mid_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), hi)
-    mid_hi = tl.minimum(tl.maximum(full_hi // BLOCK_N * BLOCK_N, mid_lo), hi)
-    return lo, mid_lo, mid_hi, hi
+    lo, hi = key_range(m0, m_last, shift, k_len, left, right, HAS_LEFT, HAS_RIGHT)
+    full_lo, full_hi = key_range(m_last, m0, shift, k_len, left, right, HAS_LEFT, HAS_RIGHT)
+    return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_N)
 
 
 @triton.jit
 def _q_range(n0, q_len, k_len, left, right,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Query range that sees the K block [n0, n0 + BLOCK_N), the transpose of _kv_range:
-    query i sees key j iff i >= j - shift - right and i <= j - shift + left."""
+    """Query range that sees the K block [n0, n0 + BLOCK_N), the transpose of _kv_range: query i
+    sees key j iff j - shift - right <= i <= j - shift + left, the key rule with the roles of
+    queries and keys swapped (shift negated, left and right exchanged)."""
     shift = k_len - q_len
     n_last = n0 + BLOCK_N - 1
-    lo = n0 * 0
-    hi = q_len
-    full_lo = n0 * 0
-    full_hi = q_len
-    if HAS_RIGHT:
-        lo = tl.maximum(n0 - shift - right, 0)
-        full_lo = tl.maximum(n_last - shift - right, 0)
-    if HAS_LEFT:
-        hi = tl.minimum(tl.maximum(n_last - shift + left + 1, 0), q_len)
-        full_hi = tl.minimum(tl.maximum(n0 - shift + left + 1, 0), q_len)
+    lo, hi = key_range(n0, n_last, -shift, q_len, right, left, HAS_RIGHT, HAS_LEFT)
+    full_lo, full_hi = key_range(n_last, n0, -shift, q_len, right, left, HAS_RIGHT, HAS_LEFT)
     if n_last >= k_len:  # keys past the sequence's end need the mask in every block
         full_hi = full_lo * 0
-    lo = lo // BLOCK_M * BLOCK_M
-    hi = tl.maximum((hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo)
-    mid_lo = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo), hi)
-    mid_hi = tl.minimum(tl.maximum(full_hi // BLOCK_M * BLOCK_M, mid_lo), hi)
-    return lo, mid_lo, mid_hi, hi
-
-
-@triton.jit
-def _visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: query offs_m sees key offs_n (reference/attention.py visible_mask)."""
-    shift = k_len - q_len
-    ok = (offs_n[None, :] < k_len) & (offs_m[:, None] < q_len)
-    if HAS_RIGHT:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift + right)
-    if HAS_LEFT:
-        ok = ok & (offs_n[None, :] >= offs_m[:, None] + shift - left)
-    return ok
+    return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M)
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,16 +140,9 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, hi, 
             k = _load(k_ptrs, d_ok[None, :], D != BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASK:
-            s = tl.where(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s,
+            s = tl.where(visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s,
                          float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far: avoid -inf - -inf
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = softmax_step(m_i, l_i, s, MASK)
         if MASK:
             v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             offs_n += BLOCK_N
@@ -228,7 +204,7 @@ def _attn_fwd_kernel(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(O + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b64 * stride_lb + h * stride_lh + rows, lse, mask=m_ok)
@@ -277,7 +253,7 @@ def _bwd_preprocess_kernel(
 def _load_row_stats(LSE, DELTA, lse_off, m_ok):
     """lse in base 2 with empty rows (-inf) and rows past the end read as +inf (P = 0), and delta."""
     lse = tl.load(LSE + lse_off, mask=m_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     delta = tl.load(DELTA + lse_off, mask=m_ok, other=0.0)
     return lse, delta
 
@@ -302,7 +278,7 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qs,
         sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
         if (m0 < mid_lo) | (m0 >= mid_hi):  # boundary block. Mask the scores, not P: exp2 of
             # a hidden score above lse would overflow.
-            sT = tl.where(tl.trans(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT)),
+            sT = tl.where(tl.trans(visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT)),
                           sT, float("-inf"))
         pT = tl.math.exp2(sT - lse[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
@@ -389,7 +365,7 @@ def _dq_blocks(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, lo, 
             v = _load(v_ptrs, d_ok[None, :], D != BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASK:
-            s = tl.where(_visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            s = tl.where(visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
             offs_n += BLOCK_N
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -527,8 +503,7 @@ def _flags(q, causal, window):
     left, right = window
     if causal:
         right = 0
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32 (the tests' dtype)
-    return dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PREC=prec), max(left, 0), max(right, 0)
+    return dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PREC=precision(q.dtype)), max(left, 0), max(right, 0)
 
 
 def forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, window, scale: float):
@@ -545,7 +520,7 @@ def forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, window, s
     dummy = lse  # stands in for cu_seqlens in the padded layout
     args = (q, k, v, out, lse, cu_q if packed else dummy, cu_k if packed else dummy,
             *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(out, packed),
-            slb, slh, Sq, Sk, Hq // Hkv, D, scale * LOG2E, left, right,
+            slb, slh, Sq, Sk, Hq // Hkv, D, scale * LOG2E.value, left, right,
             triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
     _launch("fwd", _attn_fwd_kernel, _INTERPRET_FWD,
             lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), Hq, B), args,
@@ -579,7 +554,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, 
         PACKED=packed, HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_D=BLOCK_D,
     )
     keys = (triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
-    common = (Sq, Sk, Hq // Hkv, D, scale, scale * LOG2E, left, right, *keys)
+    common = (Sq, Sk, Hq // Hkv, D, scale, scale * LOG2E.value, left, right, *keys)
     if Sk > 0:
         _launch("dkdv", _attn_bwd_dkdv_kernel, _INTERPRET_DKDV,
                 lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), Hkv, B),

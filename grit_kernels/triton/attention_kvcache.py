@@ -1,5 +1,13 @@
 """Attention over a KV cache in Triton: append kernel, split-KV attention kernel, combine kernel.
 
+Napkin math (decode, Sq = 1, Hkv = 8, Dh = 128, bf16): each step reads the whole cache,
+2 * L * Hkv * Dh * 2 bytes per row (32 KB per 1k tokens), and does 4 * L * Hq * Dh FLOPs: 4
+FLOPs per byte for G = 4 query heads per KV head, hundreds of times below an H100's balance,
+so decode is bandwidth-bound (goal: >= 70% of HBM bandwidth at L >= 4k) and the kernel's job
+is to keep every SM streaming: the GQA group shares each K/V tile, and split-KV spreads one
+sequence over the SMs. A prefill over a cache (Sq in the hundreds) is compute-bound like the
+attention forward.
+
 Same contract as grit_kernels/reference/attention_kvcache.py. Shapes: q (B, Sq, Hq, D), caches
 (B, S_max, Hkv, D), cache_seqlens (B,) int32, G = Hq // Hkv query heads per KV head.
 
@@ -34,8 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-
-LOG2E = 1.4426950408889634
+from ._common import LOG2E, key_range, precision, softmax_step, splat, window_mask
 
 
 @triton.jit
@@ -54,8 +61,7 @@ def _append_kv_kernel(
     pos = tl.load(seqlens_ptr + b).to(tl.int64) + s
     # 0 <= pos < S_max is checked on the host; the mask keeps a bad length (one the host check
     # did not see, e.g. changed behind the version counter) from writing outside the row.
-    # (broadcast first: the interpreter rejects a scalar term in a mask)
-    pos_v = tl.zeros((BLOCK_H,), tl.int64) + pos
+    pos_v = splat(pos, BLOCK_H)
     pos_ok = (pos_v >= 0) & (pos_v < S_max)
     ok = ((h < Hkv) & pos_ok)[:, None] & (d < D)[None, :]
     hh = h.to(tl.int64)[:, None]
@@ -74,7 +80,7 @@ def _attn_kernel(
     s_ob, s_os, s_oh,
     B, Sq, Sq_new, Hkv, D, S_max, NUM_SPLITS, qk_scale, window_left, window_right, TUNE_KEY,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Row blocks of one (b, KV head) are adjacent programs: a long prefill's blocks share K/V in L2.
@@ -102,14 +108,11 @@ def _attn_kernel(
     # Keys any row of this block may see: [lo, hi).
     i_lo = (mblk * BLOCK_M) // GROUP
     i_hi = tl.minimum((mblk * BLOCK_M + BLOCK_M - 1) // GROUP, Sq - 1)
-    hi = seqlen
-    if CAUSAL:
-        hi = tl.minimum(hi, i_hi + off + 1)
-    elif HAS_RIGHT:
-        hi = tl.minimum(hi, i_hi + off + window_right + 1)
-    lo = seqlen * 0
-    if HAS_LEFT:
-        lo = tl.maximum(lo, i_lo + off - window_left)
+    if CAUSAL:  # right = 0 as a compile-time constant: one live register fewer in the loop
+        right = 0
+    else:
+        right = window_right
+    lo, hi = key_range(i_lo, i_hi, off, seqlen, window_left, right, HAS_LEFT, HAS_RIGHT)
     hi = tl.maximum(hi, lo)
     # This program's share: whole tiles, so every split but the last reads full tiles.
     n_tiles = tl.cdiv(hi - lo, BLOCK_N)
@@ -122,7 +125,6 @@ def _attn_kernel(
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = kc_ptr + b64 * s_kb + hkv.to(tl.int64) * s_kh
     v_base = vc_ptr + b64 * s_vb + hkv.to(tl.int64) * s_vh
-    diag = (qi + off)[:, None]
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -133,31 +135,14 @@ def _attn_kernel(
         n64 = n.to(tl.int64)[:, None]
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + n64 * s_ks + d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = qk * qk_scale
-        visible = n_ok[None, :]
-        if CAUSAL:
-            visible = visible & (n[None, :] <= diag)
-        elif HAS_RIGHT:
-            visible = visible & (n[None, :] <= diag + window_right)
-        if HAS_LEFT:
-            visible = visible & (n[None, :] >= diag - window_left)
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen nothing yet keeps m = -inf: subtract 0 instead (no inf - inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        # Keys: n < end <= seqlen already; rows past M are never stored.
+        seen = window_mask(n_ok[None, :], qi, n, off, window_left, right, HAS_LEFT, HAS_RIGHT)
+        qk = tl.where(seen, qk, float("-inf"))
+        p, alpha, m_new, l_i = softmax_step(m_i, l_i, qk, True)
         v = tl.load(v_base + n64 * s_vs + d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new  # after the dot: updating it before costs 8 B more stack (ptxas, sm_90)
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key: 0, not 0/0
@@ -211,6 +196,17 @@ def _combine_kernel(
 # ---------------------------------------------------------------------------------------
 
 
+def forward(q, k_cache, v_cache, cache_seqlens, k, v, causal: bool, window: tuple[int, int],
+            scale: float) -> torch.Tensor:
+    """The triton backend of ``attention_with_kvcache``: append (its own launch, so the
+    autotuned attention kernel only writes its outputs and may be replayed), then attend."""
+    cache_seqlens = cache_seqlens.contiguous()  # the kernels index it densely (a view may be strided)
+    if k is not None:
+        append_kv(k_cache, v_cache, cache_seqlens, k, v)
+    return attention(q, k_cache, v_cache, cache_seqlens, q.shape[1] if k is not None else 0,
+                     causal=causal, window=window, softmax_scale=scale)
+
+
 def append_kv(k_cache, v_cache, cache_seqlens, k, v) -> None:
     """Write k/v (B, Sq, Hkv, D) into k_cache/v_cache (B, S_max, Hkv, D) at cache_seqlens[b]."""
     B, Sq, Hkv, D = k.shape
@@ -250,10 +246,11 @@ def _tuned_attn_kernel(prefill: bool):
 
     Safe to replay: the kernel writes only out/opart/lse, never the caches.
     TUNE_KEY buckets (rows, splits, head dim, log2 of the cache capacity), so a new decode
-    length does not re-tune.
+    length does not re-tune; the mask mode, GQA group and precision are keys of their own (a
+    window or a causal mask changes which tiles are loaded, so its best tile may differ).
     """
     configs = _prefill_configs() if prefill else _decode_configs()
-    return triton.autotune(configs=configs, key=["TUNE_KEY"])(_attn_kernel)
+    return triton.autotune(configs=configs, key=["TUNE_KEY", "GROUP", "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "PREC"])(_attn_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -316,11 +313,11 @@ def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        B, Sq, Sq_new, Hkv, D, S_max, num_splits, softmax_scale * LOG2E, left, right,
+        B, Sq, Sq_new, Hkv, D, S_max, num_splits, softmax_scale * LOG2E.value, max(left, 0), 0 if causal else max(right, 0),
     )
     meta = dict(
-        GROUP=group, CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=(not causal) and right >= 0,
-        SPLIT=split, IEEE=q.dtype == torch.float32, BLOCK_D=block_d,
+        GROUP=group, CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=causal or right >= 0,  # causal: right = 0
+        SPLIT=split, PREC=precision(q.dtype), BLOCK_D=block_d,
     )
     if interpret:
         grid = (m_blocks * B * Hkv, num_splits)  # dim 0 allows 2**31 - 1 programs, dims 1-2 only 65535

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import precision
+
 NORM_EPS = 1e-12
 # Largest H group written by the backward (bytes). B = N / 2 = 8192 bf16 fits in one
 # group (no dq accumulator); B = 16384 takes four. Tests lower it to exercise the groups.
@@ -71,7 +73,7 @@ def _row_scale_kernel(x_ptr, inv_ptr, xhat_ptr, D, scale, eps,
 @triton.jit
 def _logit_tile(q_ptr, d_ptr, rows, cols, row_ok, col_ok, D,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr):
+                PREC: tl.constexpr):
     """(BLOCK_M, BLOCK_N) fp32 raw dot products q[rows] · d[cols] (0 where masked)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * D
@@ -81,7 +83,7 @@ def _logit_tile(q_ptr, d_ptr, rows, cols, row_ok, col_ok, D,
         k_ok = ks < D
         qt = tl.load(q_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         dt = tl.load(d_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(qt, dt, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(qt, dt, acc, input_precision=PREC)
     return acc
 
 
@@ -89,7 +91,7 @@ def _logit_tile(q_ptr, d_ptr, rows, cols, row_ok, col_ok, D,
 def _fwd_kernel(
     q_ptr, d_ptr, a_ptr, b_ptr, tgt_ptr, m_ptr, z_ptr, t_ptr,
     B, N, D, cols_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -108,7 +110,7 @@ def _fwd_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_end
-        acc = _logit_tile(q_ptr, d_ptr, rows, cols, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        acc = _logit_tile(q_ptr, d_ptr, rows, cols, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PREC)
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
         s = acc * a[:, None] * b[None, :]
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -126,7 +128,7 @@ def _fwd_kernel(
 def _bwd_grad_logits_kernel(
     q_ptr, d_ptr, a_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, h_ptr,
     B, N, D, c0, nc,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
 ):
     """h[i, j - c0] = g_i * (exp(s_ij - lse_i) - [j == t_i]) for columns c0 <= j < c0 + nc."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,7 +136,7 @@ def _bwd_grad_logits_kernel(
     cols = c0 + local
     row_ok = rows < B
     col_ok = (local < nc) & (cols < N)
-    acc = _logit_tile(q_ptr, d_ptr, rows, cols, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    acc = _logit_tile(q_ptr, d_ptr, rows, cols, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PREC)
     a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -198,9 +200,7 @@ def _config(x: torch.Tensor) -> dict:
 
 def _input_precision(x: torch.Tensor) -> str:
     """fp32 inputs follow torch.matmul's rule (TF32 only when the user allowed it)."""
-    if x.dtype != torch.float32 or x.device.type != "cuda":
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return precision(x.dtype, x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
 
 def row_scales(x: torch.Tensor, scale: float, normalize: bool, write_hat: bool = False):
@@ -243,7 +243,7 @@ def forward(q, d, targets, temperature: float, normalize: bool):
     m, z, t = (torch.empty((n_splits, B), **f32) for _ in range(3))
     grid = (triton.cdiv(B, cfg["BLOCK_M"]), n_splits)
     _fwd_kernel[grid](q, d, a, b, targets, m, z, t, B, N, D, cols_per_split,
-                      INPUT_PRECISION=_input_precision(q), **cfg)
+                      PREC=_input_precision(q), **cfg)
     # Merge the splits' online-softmax states: O(splits * B), in a fixed order.
     m_max = m.max(dim=0).values
     lse = m_max + torch.log((z * torch.exp(m - m_max)).sum(dim=0))
@@ -288,7 +288,7 @@ def backward(grad_loss, q, d, targets, lse, a, b, temperature: float, normalize:
         hc = h_buf[: B * nc].view(B, nc)  # dense (B, nc): the kernel writes rows of nc
         grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
         _bwd_grad_logits_kernel[grid](q, d, a, b, targets, lse, g, hc, B, N, D, c0, nc,
-                                      INPUT_PRECISION=precision, **cfg)
+                                      PREC=precision, **cfg)
         w = hc.T @ q_hat  # (nc, D): this group's dL/dd̂ * (T / g_scale), complete
         _project(w, d[c0:c0 + nc], None if rd is None else rd[c0:c0 + nc], dd_scale, dd[c0:c0 + nc])
         part = hc @ d_hat[c0:c0 + nc]  # (B, D): this group's share of dL/dq̂

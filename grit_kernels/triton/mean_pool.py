@@ -1,4 +1,12 @@
-"""Masked mean pooling in Triton: forward kernel, backward kernel, launchers.
+"""Masked mean pooling in Triton: the triton backend of ``mean_pool``.
+
+    forward(hidden, mask, cu_seqlens, skip, normalize, weighted) -> out (B, D), norm (B,), den (B,) fp32
+    backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, den, normalize, weighted) -> d hidden
+
+Napkin math: a bandwidth-bound reduction. Forward reads hidden once (B*S*D elements, 2 bytes
+in bf16) plus B*S fp32 weights and writes B*D fp32; about 2 FLOPs per element read, far below
+any GPU's FLOP/byte balance, so the goal is HBM bandwidth (>= 85% on an H100). Backward reads
+the (B, D) gradient and writes hidden's size once.
 
 Same contract as csrc/mean_pool.h. One program per (row, block of D columns) walks the row's
 tokens in tiles of BLOCK_S, so hidden is read once; the L2 normalisation is fused when one
@@ -11,8 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
-NORM_EPS = 1e-12
+from .. import _shared
+from ._common import splat
+
+NORM_EPS = _shared.NORM_EPS
 _NORM_EPS_K = tl.constexpr(NORM_EPS)  # kernels may only read constexpr globals
+
+
+def forward(hidden, mask, cu_seqlens, skip, normalize: bool, weighted: bool):
+    weights = _shared.padded_weights(mask, weighted) if mask is not None else None
+    return _launch_forward(hidden, weights, cu_seqlens, skip, normalize, weighted)
+
+
+def backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, den, normalize: bool, weighted: bool):
+    weights = _shared.padded_weights(mask, weighted) if mask is not None else None
+    dy = _shared.grad_of_mean(grad_out, out, norm, normalize)
+    return _launch_backward(hidden, weights, cu_seqlens, skip, dy, den, weighted)
 
 
 @triton.jit
@@ -98,7 +120,7 @@ def _mean_pool_bwd_kernel(
     start = tl.where(is_row, row_start, tail_start)
     length = tl.where(is_row, row_length, T - tail_start)
     den = tl.maximum(tl.load(den_ptr + bb), 1.0)
-    row_ok = (tl.zeros((BLOCK_D,), tl.int32) + b) < B  # broadcast: the interpreter rejects scalar masks here
+    row_ok = splat(b, BLOCK_D) < B
     dy = tl.load(dy_ptr + bb.to(tl.int64) * D + cols, mask=col_ok & row_ok, other=0.0)  # 0 for the tail
     for s0 in range(0, length, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
@@ -121,7 +143,7 @@ def _geometry(hidden, cu_seqlens):
     return B, S, D, B * S
 
 
-def forward(hidden, weights, cu_seqlens, skip, normalize: bool, weighted: bool):
+def _launch_forward(hidden, weights, cu_seqlens, skip, normalize: bool, weighted: bool):
     """hidden (B, S, D) + weights (B, S) fp32, or (T, D) + cu_seqlens/skip -> (out, norm, den) fp32."""
     B, S, D, _ = _geometry(hidden, cu_seqlens)
     packed = cu_seqlens is not None
@@ -145,7 +167,7 @@ def forward(hidden, weights, cu_seqlens, skip, normalize: bool, weighted: bool):
     return out, norm, den
 
 
-def backward(hidden, weights, cu_seqlens, skip, dy, den, weighted: bool):
+def _launch_backward(hidden, weights, cu_seqlens, skip, dy, den, weighted: bool):
     """dy (B, D) fp32 gradient of the unnormalised mean -> d hidden (shape/dtype of hidden)."""
     B, S, D, T = _geometry(hidden, cu_seqlens)
     packed = cu_seqlens is not None

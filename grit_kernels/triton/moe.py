@@ -1,5 +1,12 @@
 """Mixtral experts in Triton: grouped GEMMs over the expert-sorted layout, forward and backward.
 
+Napkin math (Mixtral 8x7B: D = 4096, F = 14336, E = 8, K = 2, bf16): the forward does
+6 * T * K * D * F FLOPs (gate, up, down) and must read each touched expert's 3 * D * F weights
+once (352 MB for all eight): at T = 4096 tokens that is about 1300 FLOP per weight byte,
+compute-bound, so the goal is grouped-GEMM throughput (>= 3x the HF per-expert loop, which
+pays a gather, three small GEMMs and a scatter per expert); at decode (T = 1..16) it is a
+weight-bandwidth problem and the sorted layout's padding (BM rows per expert tile) matters.
+
 Legend: T tokens, D hidden size, E experts, F expert hidden size, K experts per token,
 TK = T * K slots (slot s = t * K + j), M = n_tiles * BM rows of the sorted layout (csrc/moe.h:
 ``sorted_ids`` maps a sorted row to its slot, TK on padding rows; ``tile_expert`` gives each
@@ -35,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .. import _shared
 
 
 @dataclass(frozen=True)
@@ -105,17 +114,10 @@ def _tile_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _gate_up_kernel(
     x_ptr, w1_ptr, w3_ptr, sorted_ptr, tile_expert_ptr, gu_ptr, h_ptr,
     TK, D, F, n_tiles,
-    K_TOP: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
+    K_TOP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(F, BN), GROUP_M)
@@ -149,8 +151,8 @@ def _gate_up_kernel(
         a = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         b1 = tl.load(w1_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         b3 = tl.load(w3_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_g = _dot(a, b1, acc_g, IEEE)
-        acc_u = _dot(a, b3, acc_u, IEEE)
+        acc_g = tl.dot(a, b1, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, b3, acc_u, input_precision=PREC)
         x_ptrs += BK
         w1_ptrs += BK
         w3_ptrs += BK
@@ -165,7 +167,7 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr, w2_ptr, sorted_ptr, tile_expert_ptr, rw_ptr, y_ptr,
     TK, D, F, n_tiles,
-    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(D, BN), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -184,7 +186,7 @@ def _down_kernel(
         k_ok = ks + k0 < F
         a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
         h_ptrs += BK
         w_ptrs += BK
     rw = tl.load(rw_ptr + slot, mask=valid, other=0.0).to(tl.float32)  # routing weight: epilogue
@@ -197,7 +199,7 @@ def _down_kernel(
 def _down_bwd_kernel(
     dout_ptr, w2_ptr, gu_ptr, sorted_ptr, tile_expert_ptr, rw_ptr, dgu_ptr, dwp_ptr,
     TK, D, F, n_tiles, M,
-    K_TOP: tl.constexpr, IEEE: tl.constexpr,
+    K_TOP: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(F, BN), GROUP_M)
@@ -218,7 +220,7 @@ def _down_bwd_kernel(
         k_ok = ks + k0 < D
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
         a_ptrs += BK
         b_ptrs += BK * F
     r64 = rows.to(tl.int64)[:, None]
@@ -241,7 +243,7 @@ def _down_bwd_kernel(
 def _dx_kernel(
     dgu_ptr, w1_ptr, w3_ptr, sorted_ptr, tile_expert_ptr, dxs_ptr,
     TK, D, F, n_tiles,
-    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(D, BN), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -264,8 +266,8 @@ def _dx_kernel(
         du = tl.load(g_ptrs + F, mask=k_ok[None, :], other=0.0)
         b1 = tl.load(w1_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         b3 = tl.load(w3_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(dg, b1, acc, IEEE)
-        acc = _dot(du, b3, acc, IEEE)
+        acc = tl.dot(dg, b1, acc, input_precision=PREC)
+        acc = tl.dot(du, b3, acc, input_precision=PREC)
         g_ptrs += BK
         w1_ptrs += BK * D
         w3_ptrs += BK * D
@@ -277,7 +279,7 @@ def _dw_kernel(
     a_ptr, b_ptr, sorted_ptr, offsets_ptr, rw_ptr, out_ptr,
     TK, I, J, a_stride, b_stride, a_col0,
     K_TOP: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, A_SCALE: tl.constexpr,
-    IEEE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[e, i, j] = sum over expert e's sorted rows r of A[r, i] * B[r, j], where a row of A
     (B) is the token row of r's slot when A_GATHER (B_GATHER), else sorted row r itself, and
@@ -311,7 +313,7 @@ def _dw_kernel(
             w = tl.load(rw_ptr + slot, mask=valid, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * w[:, None]).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptr + b_rows[:, None] * b_stride + cj[None, :], mask=valid[:, None] & j_ok[None, :], other=0.0)
-        acc = _dot(tl.trans(a), b, acc, IEEE)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
     out = out_ptr + e.to(tl.int64) * I * J + ci[:, None].to(tl.int64) * J + cj[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
 
@@ -319,6 +321,11 @@ def _dw_kernel(
 # ---------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------
+
+
+def _prec(cfg: Config) -> str:
+    """The PREC constexpr of the house style (grit_kernels/triton/_common.py)."""
+    return "ieee" if cfg.ieee else "tf32"
 
 
 def _launch_opts(cfg: Config) -> dict:
@@ -336,7 +343,7 @@ def gate_up(x, w1, w3, sorted_ids, tile_expert, K: int, cfg: Config, save: bool)
     grid = (n_tiles * triton.cdiv(F, cfg.block_n),)
     _gate_up_kernel[grid](
         x, w1, w3, sorted_ids, tile_expert, gu if save else h, h, T * K, D, F, n_tiles,
-        K_TOP=K, SAVE=save, IEEE=cfg.ieee, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
+        K_TOP=K, SAVE=save, PREC=_prec(cfg), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
         **_launch_opts(cfg),
     )
     return gu, h
@@ -351,7 +358,7 @@ def down(h, w2, weights_flat, sorted_ids, tile_expert, TK: int, cfg: Config):
     grid = (n_tiles * triton.cdiv(D, cfg.block_n_down),)
     _down_kernel[grid](
         h, w2, sorted_ids, tile_expert, weights_flat, y, TK, D, F, n_tiles,
-        IEEE=cfg.ieee, BM=cfg.block_m, BN=cfg.block_n_down, BK=cfg.block_k, GROUP_M=cfg.group_m, **_launch_opts(cfg),
+        PREC=_prec(cfg), BM=cfg.block_m, BN=cfg.block_n_down, BK=cfg.block_k, GROUP_M=cfg.group_m, **_launch_opts(cfg),
     )
     return y
 
@@ -367,7 +374,7 @@ def down_backward(dout, w2, gu, weights_flat, sorted_ids, tile_expert, K: int, c
     dwp = torch.empty((num_n, M), dtype=torch.float32, device=dout.device)
     _down_bwd_kernel[(n_tiles * num_n,)](
         dout, w2, gu, sorted_ids, tile_expert, weights_flat, dgu, dwp, T * K, D, F, n_tiles, M,
-        K_TOP=K, IEEE=cfg.ieee, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
+        K_TOP=K, PREC=_prec(cfg), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
         **_launch_opts(cfg),
     )
     return dgu, dwp
@@ -380,7 +387,7 @@ def dx(dgu, w1, w3, sorted_ids, tile_expert, TK: int, cfg: Config):
     dxs = torch.empty((TK, D), dtype=torch.float32, device=dgu.device)
     _dx_kernel[(n_tiles * triton.cdiv(D, cfg.block_n),)](
         dgu, w1, w3, sorted_ids, tile_expert, dxs, TK, D, F, n_tiles,
-        IEEE=cfg.ieee, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m, **_launch_opts(cfg),
+        PREC=_prec(cfg), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m, **_launch_opts(cfg),
     )
     return dxs
 
@@ -392,7 +399,7 @@ def _dw(a, b, sorted_ids, offsets, rw, out, TK, I, J, a_stride, b_stride, a_col0
     grid = (E * triton.cdiv(I, bi) * triton.cdiv(J, bj),)
     _dw_kernel[grid](
         a, b, sorted_ids, offsets, rw, out, TK, I, J, a_stride, b_stride, a_col0,
-        K_TOP=K, A_GATHER=a_gather, B_GATHER=b_gather, A_SCALE=a_scale, IEEE=cfg.ieee,
+        K_TOP=K, A_GATHER=a_gather, B_GATHER=b_gather, A_SCALE=a_scale, PREC=_prec(cfg),
         BI=bi, BJ=bj, BR=cfg.block_r, GROUP_M=cfg.group_m, **_launch_opts(cfg),
     )
 
@@ -418,3 +425,78 @@ def dw_down(dout, h, weights_flat, sorted_ids, offsets, K: int, cfg: Config):
     dw2 = torch.empty((E, D, F), dtype=h.dtype, device=h.device)
     _dw(dout, h, sorted_ids, offsets, weights_flat, dw2, T * K, D, F, D, F, 0, K, True, False, True, cfg)
     return dw2
+
+
+# ---------------------------------------------------------------------------------------
+# the triton backend of moe: route / forward / backward (grit_kernels/ops/moe.py)
+# ---------------------------------------------------------------------------------------
+# Routing, the expert sort and the fp32 combine are small torch ops here (no host sync);
+# the cuda backend (grit_kernels/cuda/moe.py) runs the same GEMMs with csrc's versions.
+
+route = _shared.route
+
+
+def _plan_for(x, w1, K: int) -> Config:
+    T, D = x.shape
+    E, F, _ = w1.shape
+    return plan(T * K, E, D, F, x.dtype, x.device.type == "cuda")
+
+
+def saved_like(x, w1, experts, save: bool):
+    """Empty tensors shaped like what ``forward`` saves (the op's fake implementation)."""
+    K = experts.shape[1]
+    E, F, _ = w1.shape
+    cfg = _plan_for(x, w1, K)
+    n_tiles = _shared.max_tiles(x.shape[0] * K, E, cfg.block_m)
+    M = n_tiles * cfg.block_m
+    i32 = dict(dtype=torch.int32)
+    gu = x.new_empty((M, 2 * F)) if save else x.new_empty((0,))
+    h = x.new_empty((M, F)) if save else x.new_empty((0,))
+    return x.new_empty((M,), **i32), x.new_empty((n_tiles,), **i32), x.new_empty((E + 1,), **i32), gu, h
+
+
+def forward(x, w1, w2, w3, weights, experts, save: bool, sort=_shared.sort_align, combine=None):
+    """-> (out (T, D) in x's dtype, then what ``backward`` reads: sorted_ids (M,), tile_expert,
+    offsets (E + 1,), gu (M, 2F) pre-activations, h (M, F) SwiGLU output; gu, h empty unless
+    ``save``). ``sort(experts, E, BM)`` and ``combine(y, experts, E, dtype)`` default to torch ops."""
+    combine = combine or _shared.combine
+    T, D = x.shape
+    E = w1.shape[0]
+    K = experts.shape[1]
+    x, w1, w2, w3 = x.contiguous(), w1.contiguous(), w2.contiguous(), w3.contiguous()
+    cfg = _plan_for(x, w1, K)
+    sorted_ids, tile_expert, offsets = sort(experts, E, cfg.block_m)
+    gu, h = gate_up(x, w1, w3, sorted_ids, tile_expert, K, cfg, save)
+    y_SD = down(h, w2, weights.contiguous().reshape(-1), sorted_ids, tile_expert, T * K, cfg)
+    out = combine(y_SD, experts, E, x.dtype)
+    if not save:  # two distinct empties: custom_op outputs may not alias each other
+        gu, h = x.new_empty((0,)), x.new_empty((0,))
+    return out, sorted_ids, tile_expert, offsets, gu, h
+
+
+def backward(grad_out, x, w1, w2, w3, weights, experts, sorted_ids, tile_expert, offsets, gu, h, combine=None):
+    """-> (dx, dw1, dw2, dw3, dweights), each shaped and typed like its input."""
+    combine = combine or _shared.combine
+    T, D = x.shape
+    E = w1.shape[0]
+    K = experts.shape[1]
+    TK = T * K
+    if TK == 0 or D == 0:
+        return (torch.zeros_like(x), torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(w3),
+                torch.zeros_like(weights))
+    if gu.numel() == 0:  # forward ran without saving (no grad then): recompute
+        _, sorted_ids, tile_expert, offsets, gu, h = forward(x, w1, w2, w3, weights, experts, True)
+    x, w1, w2, w3 = x.contiguous(), w1.contiguous(), w2.contiguous(), w3.contiguous()
+    w_flat = weights.contiguous().reshape(-1)
+    cfg = _plan_for(x, w1, K)
+    # d(gate, up) per sorted row, and the routing weights' gradient as per-F-tile partial dots.
+    dgu, dw_part = down_backward(grad_out, w2, gu, w_flat, sorted_ids, tile_expert, K, cfg)
+    row_dw = dw_part.sum(dim=0)  # fixed order over F tiles: deterministic
+    dweights = torch.zeros(TK + 1, dtype=torch.float32, device=x.device)
+    dweights.scatter_(0, sorted_ids.long(), row_dw)  # padding rows land on the scratch slot TK
+    dweights = dweights[:TK].reshape(T, K).to(weights.dtype)
+    dxs_SD = dx(dgu, w1, w3, sorted_ids, tile_expert, TK, cfg)
+    dx_TD = combine(dxs_SD, experts, E, x.dtype)
+    dw1, dw3 = dw_gate_up(dgu, x, sorted_ids, offsets, K, cfg)
+    dw2 = dw_down(grad_out, h, w_flat, sorted_ids, offsets, K, cfg)
+    return dx_TD, dw1, dw2, dw3, dweights

@@ -1,17 +1,22 @@
-"""Fast plain-PyTorch attention for CPU tensors: the torch backend of ``attention`` and
-``attention_with_kvcache`` (grit_kernels/reference stays the independent oracle for tests).
+"""Attention on CPU tensors: the cpu backend of ``attention`` (PyTorch's fused CPU kernel).
+
+    forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, scale)
+        -> out (q's shape), lse (B, Hq, Sq) or (Hq, Tq) fp32
+    backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+             causal, window, scale) -> dq, dk, dv
 
 Built on PyTorch's fused CPU flash-attention kernel, the one ``F.scaled_dot_product_attention``
 dispatches to on CPU, called through its aten op so that it also returns the logsumexp (lse
 costs nothing extra, and the op's backward reuses the saved out and lse without a
 recomputed forward):
 
-    _flash(q_BHSD, k_BKSD, v_BKSD, is_causal, attn_mask, scale) -> out (B, H, Sq, D), lse (B, H, Sq)
+    _FLASH(q_BHSD, k_BHkvSD, v_BHkvSD, dropout, is_causal, attn_mask, scale)
+        -> out (B, Hq, Sq, Dh), lse (B, Hq, Sq)
 
 It takes GQA directly (fewer K/V heads, summed back in the backward), any strides with a
-dense last dim (so (B, S, H, D) tensors go in as transposed views, and its output comes back
-laid out as (B, S, H, D)), and computes the softmax in fp32 for fp16/bf16 inputs. Measured on
-this project's CPU runner (one thread, B=1, S=1000, Hq=4, Hkv=2, D=32, fp32): 7.5 ms
+dense last dim (so (B, S, H, Dh) tensors go in as transposed views, and its output comes back
+laid out as (B, S, H, Dh)), and computes the softmax in fp32 for fp16/bf16 inputs. Measured on
+this project's CPU runner (one thread, B=1, S=1000, Hq=4, Hkv=2, Dh=32, fp32): 7.5 ms
 bidirectional, 5.7 ms causal, vs 39 / 47 ms for the reference.
 
 What the kernel does not do, and how it is handled here:
@@ -24,31 +29,47 @@ What the kernel does not do, and how it is handled here:
 * A fully masked row gives out 0 but lse 0, and empty sequences (Sq = 0 or Sk = 0) crash the
   process (SIGFPE): neither ever reaches it. The only rows that can see nothing are a
   leading run (``_plan``), so they are sliced off rather than masked.
-* Its backward has no lse gradient: a call whose lse gradient is nonzero is handed back to
-  the reference (``backward`` returns None).
-* It reads every key it is given: rows of a KV cache with different lengths would load the
-  garbage past a row's length (NaN * 0 = NaN), so ``kvcache_forward`` zeroes it in a copy.
+* Its backward has no lse gradient. A nonzero one goes through the same kernel with the
+  head dim widened by one column (``_backward_rows``): q, k and out get a 0, v a 1 and dout
+  the lse gradient, so dP gains dlse_i in every column while delta = rowsum(dO * O) stays.
+  That is dS = P (dP - delta + dlse), the lse term exactly.
 
-Shapes: B batch, S sequence, H query heads, K key/value heads, D head dim, T packed tokens.
+Shapes: B batch, S sequence, Hq query heads, Hkv key/value heads, Dh head dim, T packed tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .._mask import visible
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the fast path runs these tensors: CPU, a float dtype, and a torch that has the kernel.
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+            window: tuple[int, int], scale: float):
+    """-> (out contiguous in q's dtype, lse fp32): padded (B, Sq, Hq, Dh) / (B, Hq, Sq), or
+    packed (Tq, Hq, Dh) / (Hq, Tq). max_seqlen_* are unused (the host reads cu_seqlens)."""
+    if cu_seqlens_q is None:
+        out, lse = _forward_padded(q, k, v, causal, window, scale)
+    else:
+        out, lse = _forward_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, scale)
+    return out.contiguous(), lse.float().contiguous()
 
-    Anything else (e.g. CUDA tensors with GRIT_BACKEND=torch forced) runs the reference.
-    """
-    return _FLASH is not None and all(
-        t is None or (t.device.type == "cpu" and t.dtype in _DTYPES) for t in tensors
-    )
+
+def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+             causal: bool, window: tuple[int, int], scale: float):
+    """-> (dq, dk, dv) contiguous, shaped like q, k, v. ``dlse`` (lse's shape) or None."""
+    # Autograd hands an unused lse zeros, not None: skip the widened head dim then.
+    if dlse is not None and not bool(dlse.any()):
+        dlse = None
+    if cu_seqlens_q is None:
+        grads = _backward_padded(dout, dlse, q, k, v, out, lse, causal, window, scale)
+    else:
+        grads = _backward_packed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, window,
+                                 scale)
+    return tuple(g.contiguous() for g in grads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,26 +101,9 @@ def _plan(Sq: int, Sk: int, causal: bool, left: int, right: int) -> tuple[int, i
     return skip, left, right
 
 
-def _visible(Sq: int, Sk, L: int, left: int, right: int, device) -> torch.Tensor:
-    """(..., Sq, L) bool, True where query i sees key j: j < Sk and, with shift = Sk - Sq,
-    i + shift - left <= j <= i + shift + right (a side -1 = unbounded).
-
-    ``Sk`` is an int or a (B, 1, 1) int64 tensor of per-row key counts (then L >= max Sk).
-    """
-    i = torch.arange(Sq, device=device)[:, None]
-    j = torch.arange(L, device=device)
-    diag = i + (Sk - Sq)
-    visible = j < Sk if isinstance(Sk, torch.Tensor) else torch.ones(Sq, L, dtype=torch.bool, device=device)
-    if right >= 0:
-        visible = visible & (j <= diag + right)
-    if left >= 0:
-        visible = visible & (j >= diag - left)
-    return visible
-
-
-def _additive(visible: torch.Tensor, dtype) -> torch.Tensor:
+def _additive(seen: torch.Tensor, dtype) -> torch.Tensor:
     """The kernel's mask: 0 where visible, -inf elsewhere, in the inputs' dtype (it takes no bool)."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
 def _mask_args(Sq: int, Sk: int, left: int, right: int, dtype, device) -> tuple[bool, torch.Tensor | None]:
@@ -108,7 +112,7 @@ def _mask_args(Sq: int, Sk: int, left: int, right: int, dtype, device) -> tuple[
         return False, None
     if left < 0 and right == 0 and Sq == Sk:  # square: top-left == bottom-right
         return True, None
-    return False, _additive(_visible(Sq, Sk, Sk, left, right, device), dtype)
+    return False, _additive(visible(Sq, Sk, False, (left, right), device=device), dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,9 +124,9 @@ def _lse_dtype(dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward(q, k, v, causal: bool, window: tuple[int, int], scale: float):
-    """q (B, Sq, H, D), k/v (B, Sk, K, D), any strides with a dense D
-    -> out (B, Sq, H, D) contiguous in q's dtype, lse (B, H, Sq) fp32 (fp64 for fp64)."""
+def _forward_padded(q, k, v, causal: bool, window: tuple[int, int], scale: float):
+    """q (B, Sq, Hq, Dh), k/v (B, Sk, Hkv, Dh), any strides with a dense Dh
+    -> out (B, Sq, Hq, Dh) contiguous in q's dtype, lse (B, Hq, Sq) fp32 (fp64 for fp64)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     skip, left, right = _plan(Sq, Sk, causal, *window)
@@ -160,28 +164,37 @@ def _forward_rows(q, k, v, left, right, scale):
     return t(out), lse  # the kernel lays out its output as (B, S, H, D): t(out) is contiguous
 
 
-def backward(dout, q, k, v, out, lse, causal: bool, window: tuple[int, int], scale: float):
-    """(dq, dk, dv) shaped like q, k, v (dout, out like q; lse (B, H, Sq)): FlashAttention's
-    backward from the saved out and lse, for a loss of ``out`` only."""
+def _backward_padded(dout, dlse, q, k, v, out, lse, causal: bool, window: tuple[int, int], scale: float):
+    """(dq, dk, dv) shaped like q, k, v (dout, out like q; lse, dlse (B, Hq, Sq), dlse may be
+    None): FlashAttention's backward from the saved out and lse."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     skip, left, right = _plan(Sq, Sk, causal, *window)
     if skip == 0 and q.numel() > 0:
-        return _backward_rows(dout, q, k, v, out, lse, left, right, scale)
+        return _backward_rows(dout, dlse, q, k, v, out, lse, left, right, scale)
     # Rows that saw nothing have no gradient; with no row left, k and v have none either.
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if skip < Sq and q.numel() > 0:
-        dq[:, skip:], dk[:], dv[:] = _backward_rows(dout[:, skip:], q[:, skip:], k, v, out[:, skip:],
-                                                    lse[..., skip:], left, right, scale)
+        dq[:, skip:], dk[:], dv[:] = _backward_rows(dout[:, skip:], None if dlse is None else dlse[..., skip:],
+                                                    q[:, skip:], k, v, out[:, skip:], lse[..., skip:], left,
+                                                    right, scale)
     return dq, dk, dv
 
 
-def _backward_rows(dout, q, k, v, out, lse, left, right, scale):
+def _backward_rows(dout, dlse, q, k, v, out, lse, left, right, scale):
     is_causal, mask = _mask_args(q.shape[1], k.shape[1], left, right, q.dtype, q.device)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
+    Dh = q.shape[-1]
+    if dlse is not None:  # the lse gradient as one more head-dim column (module docstring)
+        def widen(x, col):
+            return torch.cat([x, col.to(x.dtype).expand(*x.shape[:-1], 1)], dim=-1)
+        zero, one = q.new_zeros(()), q.new_ones(())
+        q, k, out = widen(q, zero), widen(k, zero), widen(out, zero)
+        v = widen(v, one)
+        dout = torch.cat([dout, t(dlse)[..., None].to(dout.dtype)], dim=-1)
     grads = _FLASH_BWD(t(dout), t(q), t(k), t(v), t(out), lse.to(_lse_dtype(q.dtype)), 0.0, is_causal,
                        attn_mask=mask, scale=scale)
-    return tuple(t(g) for g in grads)
+    return tuple(t(g)[..., :Dh] for g in grads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,81 +231,35 @@ def _run_views(run, *tensors_and_lengths):
     return views
 
 
-def forward_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, scale):
-    """q (Tq, H, D), k/v (Tk, K, D) -> out (Tq, H, D), lse (H, Tq) fp32 (fp64 for fp64)."""
+def _forward_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, window, scale):
+    """q (Tq, Hq, Dh), k/v (Tk, Hkv, Dh) -> out (Tq, Hq, Dh), lse (Hq, Tq) fp32 (fp64 for fp64)."""
     runs = _runs(cu_seqlens_q, cu_seqlens_k)
     Tq, H, D = q.shape
     if len(runs) == 1 and runs[0][2] * runs[0][3] == Tq:  # one run covers every query: no copy
         qr, kr, vr = _run_views(runs[0], (q, "q"), (k, "k"), (v, "k"))
-        o, l = forward(qr, kr, vr, causal, window, scale)
+        o, l = _forward_padded(qr, kr, vr, causal, window, scale)
         return o.reshape(Tq, H, D), l.transpose(0, 1).reshape(H, Tq)
     out = q.new_zeros(Tq, H, D)  # sequences without keys stay zero
     lse = torch.full((H, Tq), float("-inf"), dtype=_lse_dtype(q.dtype), device=q.device)
     for run in runs:
         q0, _, n, sq, _ = run
         qr, kr, vr = _run_views(run, (q, "q"), (k, "k"), (v, "k"))
-        o, l = forward(qr, kr, vr, causal, window, scale)
+        o, l = _forward_padded(qr, kr, vr, causal, window, scale)
         out[q0:q0 + n * sq] = o.flatten(0, 1)
         lse[:, q0:q0 + n * sq] = l.transpose(0, 1).flatten(1)
     return out, lse
 
 
-def backward_packed(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, window, scale):
+def _backward_packed(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, window, scale):
     """(dq, dk, dv) shaped like the packed q, k, v."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for run in _runs(cu_seqlens_q, cu_seqlens_k):
         q0, k0, n, sq, sk = run
         dor, qr, kr, vr, outr = _run_views(run, (dout, "q"), (q, "q"), (k, "k"), (v, "k"), (out, "q"))
-        lr = lse[:, q0:q0 + n * sq].unflatten(1, (n, sq)).transpose(0, 1)  # (n, H, Sq)
-        g = backward(dor, qr, kr, vr, outr, lr, causal, window, scale)
+        rows = lambda x: x[:, q0:q0 + n * sq].unflatten(1, (n, sq)).transpose(0, 1)  # noqa: E731 (n, Hq, Sq)
+        g = _backward_padded(dor, None if dlse is None else rows(dlse), qr, kr, vr, outr, rows(lse), causal,
+                             window, scale)
         dq[q0:q0 + n * sq] = g[0].flatten(0, 1)
         dk[k0:k0 + n * sk] = g[1].flatten(0, 1)
         dv[k0:k0 + n * sk] = g[2].flatten(0, 1)
     return dq, dk, dv
-
-
-# ---------------------------------------------------------------------------------------
-# attention over a KV cache whose rows hold different lengths
-# ---------------------------------------------------------------------------------------
-
-
-def kvcache_forward(q, k_cache, v_cache, seqlens_k: list[int], causal: bool, window: tuple[int, int],
-                    scale: float) -> torch.Tensor:
-    """q (B, Sq, H, D), caches (B, S_max, K, D), row b attending to its first seqlens_k[b] keys
-    (bottom-right aligned diagonal per row) -> (B, Sq, H, D) contiguous in q's dtype.
-
-    Rows of equal length (decode of one sequence, or a batch in lockstep): one call on views of
-    the caches, no copy. Rows of different lengths: one call over the longest row with a
-    (B, 1, Sq, L) mask, on a copy of the caches' first L positions in which everything past a
-    row's length is zero (the kernel would multiply the garbage there by 0: NaN stays NaN).
-    """
-    B, Sq, H, D = q.shape
-    L = max(seqlens_k, default=0)
-    if q.numel() == 0 or min(seqlens_k) == L:
-        return forward(q, k_cache[:, :L], v_cache[:, :L], causal, window, scale)[0]
-    left, right = window
-    if causal:
-        right = 0
-    # A copy with zeros past each row's keys. Clone + zero_ per row: torch.where with a
-    # broadcast (B, L, 1, 1) condition took 5x longer (300 vs 61 us at B=2, L=257, K=8, D=128).
-    k, v = k_cache[:, :L].clone(), v_cache[:, :L].clone()
-    for b, n in enumerate(seqlens_k):
-        if n < L:
-            k[b, n:].zero_()
-            v[b, n:].zero_()
-    lengths = torch.tensor(seqlens_k, device=q.device)
-    visible = _visible(Sq, lengths[:, None, None], L, left, right, q.device)  # (B, Sq, L)
-    # Query i of row b sees nothing iff Sk_b = 0 or i < Sq - Sk_b - right (see _plan): never
-    # when k/v were appended (Sk_b >= Sq). Such a row attends to the zeroed keys instead of
-    # none (the kernel's fully masked rows are not part of its contract), then is zeroed.
-    shortest = min(seqlens_k)
-    has_empty = shortest == 0 or (right >= 0 and shortest < Sq - right)
-    if has_empty:
-        empty = ~visible.any(dim=-1)  # (B, Sq)
-        visible = visible | empty[..., None]
-    out, _ = _FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
-                    attn_mask=_additive(visible[:, None], q.dtype), scale=scale)
-    out = out.transpose(1, 2)
-    if has_empty:
-        out = out.masked_fill(empty[..., None, None], 0)
-    return out
