@@ -5,7 +5,8 @@ The model is built on the meta device and its parameters are assigned from the t
 through ``safetensors.safe_open`` (memory-mapped) on the target device, cast to the target
 dtype: no full-size random init, no fp32 copy of a bf16 checkpoint.
 
-Tensor names accepted (``model.`` prefix optional: embedding-only checkpoints lack it):
+Tensor names accepted (``model.`` prefix optional: embedding-only checkpoints lack it), as
+models/weight_map.py maps them to ours:
     embed_tokens.weight, norm.weight, lm_head.weight (absent when tied)
     layers.N.{input_layernorm,post_attention_layernorm}.weight
     layers.N.self_attn.{q,k,v,o}_proj.weight
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import weight_map
 from ._json import read_json_object
 from .config import MistralConfig, parse_dtype
 from .mistral import Transformer
@@ -67,41 +69,17 @@ def checkpoint_files(path) -> list[Path]:
     raise FileNotFoundError(f"model_name_or_path: no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
 
 
+def param_shapes(cfg: MistralConfig, with_lm_head: bool = True) -> dict:
+    """Our parameter name -> shape for ``cfg`` (a model built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Transformer(cfg, with_lm_head=with_lm_head)
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+
+
 def expected_shapes(cfg: MistralConfig, *, fused_experts: bool = False, with_lm_head: bool = True) -> dict:
     """HF tensor name (without ``model.``) -> shape, for a checkpoint of this config."""
-    D, K, Hq, Hk = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    Fh, V = cfg.intermediate_size, cfg.vocab_size
-    out = {"embed_tokens.weight": (V, D), "norm.weight": (D,)}
-    if with_lm_head and not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (V, D)
-    for i in range(cfg.num_hidden_layers):
-        p = f"layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-            p + "self_attn.q_proj.weight": (Hq * K, D), p + "self_attn.k_proj.weight": (Hk * K, D),
-            p + "self_attn.v_proj.weight": (Hk * K, D), p + "self_attn.o_proj.weight": (D, Hq * K),
-        })
-        if cfg.qkv_bias:
-            out.update({p + "self_attn.q_proj.bias": (Hq * K,), p + "self_attn.k_proj.bias": (Hk * K,),
-                        p + "self_attn.v_proj.bias": (Hk * K,)})
-        if cfg.o_bias:
-            out[p + "self_attn.o_proj.bias"] = (D,)
-        if not cfg.is_moe:
-            out.update({p + "mlp.gate_proj.weight": (Fh, D), p + "mlp.up_proj.weight": (Fh, D),
-                        p + "mlp.down_proj.weight": (D, Fh)})
-            if cfg.mlp_has_bias:
-                out.update({p + "mlp.gate_proj.bias": (Fh,), p + "mlp.up_proj.bias": (Fh,),
-                            p + "mlp.down_proj.bias": (D,)})
-        elif fused_experts:
-            E = cfg.num_local_experts
-            out.update({p + "mlp.gate.weight": (E, D), p + "mlp.experts.gate_up_proj": (E, 2 * Fh, D),
-                        p + "mlp.experts.down_proj": (E, D, Fh)})
-        else:
-            out[p + "block_sparse_moe.gate.weight"] = (cfg.num_local_experts, D)
-            for e in range(cfg.num_local_experts):
-                q = f"{p}block_sparse_moe.experts.{e}."
-                out.update({q + "w1.weight": (Fh, D), q + "w2.weight": (D, Fh), q + "w3.weight": (Fh, D)})
-    return out
+    return weight_map.expected_shapes(cfg, param_shapes(cfg, with_lm_head), fused_experts=fused_experts,
+                                      with_lm_head=with_lm_head)
 
 
 # safetensors' dtype names of the weights we accept (cast to the target dtype on load).
@@ -215,36 +193,9 @@ def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralCo
         except Exception as e:  # a header that promises more bytes than the file holds
             raise CheckpointError(f"{where[n]}: cannot read tensor {n!r}: {e}") from None
 
-    sd = {"embed": get("embed_tokens.weight"), "norm.weight": get("norm.weight")}
-    if with_lm_head and not cfg.tie_word_embeddings:
-        sd["lm_head"] = get("lm_head.weight")
-    for i in range(cfg.num_hidden_layers):
-        p, o = f"layers.{i}.", f"layers.{i}."
-        sd[o + "attn_norm.weight"] = get(p + "input_layernorm.weight")
-        sd[o + "mlp_norm.weight"] = get(p + "post_attention_layernorm.weight")
-        sd[o + "attn.wqkv"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
-        sd[o + "attn.wo"] = get(p + "self_attn.o_proj.weight")
-        if cfg.qkv_bias:
-            sd[o + "attn.bqkv"] = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-        if cfg.o_bias:
-            sd[o + "attn.bo"] = get(p + "self_attn.o_proj.bias")
-        if not cfg.is_moe:
-            sd[o + "mlp.w13"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-            sd[o + "mlp.w2"] = get(p + "mlp.down_proj.weight")
-            if cfg.mlp_has_bias:
-                sd[o + "mlp.b13"] = torch.cat([get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")])
-                sd[o + "mlp.b2"] = get(p + "mlp.down_proj.bias")
-        elif fused:
-            w13 = get(p + "mlp.experts.gate_up_proj")
-            sd[o + "mlp.gate"] = get(p + "mlp.gate.weight")
-            sd[o + "mlp.w1"], sd[o + "mlp.w3"] = (w.contiguous() for w in w13.chunk(2, dim=1))
-            sd[o + "mlp.w2"] = get(p + "mlp.experts.down_proj")
-        else:
-            q = p + "block_sparse_moe."
-            sd[o + "mlp.gate"] = get(q + "gate.weight")
-            for w in ("w1", "w2", "w3"):
-                sd[o + f"mlp.{w}"] = torch.stack(
-                    [get(f"{q}experts.{e}.{w}.weight") for e in range(cfg.num_local_experts)])
+    sd = {}
+    for entry in weight_map.entries(cfg, fused_experts=fused, with_lm_head=with_lm_head):
+        sd.update(zip(entry.ours, entry.to_ours([get(n) for n in entry.hf])))
     handles.clear()
 
     with torch.device("meta"):

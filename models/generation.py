@@ -22,7 +22,7 @@ from .mistral import Transformer, packed_positions
 
 @dataclasses.dataclass
 class KVPrefix:
-    """k[l], v[l]: (L, Hk, K) for each layer l: the cache of one sequence of L tokens."""
+    """k[l], v[l]: (L, Hkv, Dh) for each layer l: the cache of one sequence of L tokens."""
 
     k: list
     v: list
@@ -53,7 +53,7 @@ class KVPrefix:
     @staticmethod
     def from_hf(past_key_values) -> list["KVPrefix"]:
         """Per-row prefixes from an HF cache: a ``DynamicCache`` or the legacy tuple of
-        (k, v) per layer of shape (B, Hk, L, K) (what gritlm hands to ``generate``). Every row
+        (k, v) per layer of shape (B, Hkv, L, Dh) (what gritlm hands to ``generate``). Every row
         is taken to hold all L tokens, as gritlm's RAG code assumes."""
         if hasattr(past_key_values, "layers"):  # transformers >= 4.56 Cache objects
             pairs = [(layer.keys, layer.values) for layer in past_key_values.layers]
@@ -221,36 +221,27 @@ def generate(
     # Room for the padded prompt after the longest prefix (the cache path writes S tokens per row).
     cache = model.new_cache(B, max(plens) + max(lens) + max_new_tokens)
     if any(plens):
-        # Copy each row's prefix into its cache row, then run the prompts padded to the longest
-        # one through the cache path: padded queries write keys past the row's length, which
-        # the next step overwrites before anything reads them.
-        for b, p in enumerate(prefixes):
-            if p is not None:
-                for layer in range(len(cache.k)):
-                    cache.k[layer][b, :p.length] = p.k[layer].to(cache.k[layer].dtype)
-                    cache.v[layer][b, :p.length] = p.v[layer].to(cache.v[layer].dtype)
-        cache.seqlens.copy_(torch.tensor(plens, dtype=torch.int32))
+        # Each row starts from its prefix; the prompts, padded to the longest one, go through
+        # the cached pass: padded queries write keys past the row's length, which the next
+        # step overwrites before anything reads them.
+        cache.load_prefixes(prefixes)
         S = max(lens)
         tokens = torch.full((B, S), pad, dtype=torch.long, device=device)
         for b, r in enumerate(rows):
             tokens[b, :lens[b]] = r
-        positions = cache.seqlens.long()[:, None] + torch.arange(S, device=device)
-        hidden = model.forward_cached(tokens, positions, cache, position_bound=cache.max_len)
+        positions = torch.tensor(plens, device=device)[:, None] + torch.arange(S, device=device)
+        hidden = model(tokens, positions, cache=cache, position_bound=cache.max_len).hidden
         last = hidden[torch.arange(B, device=device), torch.tensor(lens, device=device) - 1]
-        cache.seqlens.copy_(torch.tensor([p + n for p, n in zip(plens, lens)], dtype=torch.int32))
+        cache.set_lengths([p + n for p, n in zip(plens, lens)])
     else:
-        # Packed causal prefill: no compute on padding; then scatter each row's keys/values.
+        # Packed causal prefill: no compute on padding; every layer's keys/values go straight
+        # to their cache rows (packed token t -> row row_of[t], slot positions[t]).
         tokens = torch.cat(rows)
         cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
-        kv = []
         positions = packed_positions(cu, tokens.numel())
-        hidden = model(tokens, positions, cu, max(lens), causal=True, kv_out=kv, position_bound=max(lens))
-        # One scatter per layer: packed token t goes to cache row row_of[t], slot positions[t].
         row_of = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(lens, device=device))
-        for layer, (k, v) in enumerate(kv):
-            cache.k[layer][row_of, positions] = k
-            cache.v[layer][row_of, positions] = v
-        cache.seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+        hidden = model(tokens, positions, cu_seqlens=cu, max_seqlen=max(lens), causal=True, cache=cache,
+                       cache_rows=row_of, position_bound=max(lens)).hidden
         last = hidden[cu[1:].long() - 1]
 
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
@@ -272,5 +263,5 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         positions = cache.seqlens.long()[:, None]
-        last = model.forward_cached(nxt[:, None], positions, cache, position_bound=cache.max_len)[:, 0]
+        last = model(nxt[:, None], positions, cache=cache, position_bound=cache.max_len).hidden[:, 0]
     return torch.cat([input_ids, torch.stack(out, 1)], dim=1)

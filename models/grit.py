@@ -25,15 +25,26 @@ from .generation import KVPrefix
 from .mistral import packed_positions
 from .tokenizer import Tokenizer
 
-POOLING_METHODS = ("cls", "lasttoken", "mean", "weightedmean")
-ATTN_MODES = ("bbcc", "cccc", "bb", "cc")
-MODES = ("unified", "embedding", "generative")
+from .prompts import ATTN_MODES, MODES, POOLING_METHODS
+from .prompts import instruction_format as gritlm_instruction_format  # noqa: F401  (gritlm's name)
 
 
-def gritlm_instruction_format(instruction: str | None = None) -> str:
-    """GritLM's embedding prompt: ``"<|user|>\\n{instruction}\\n<|embed|>\\n"``, or
-    ``"<|embed|>\\n"`` without an instruction. BOS is added by the tokenizer."""
-    return "<|user|>\n" + instruction + "\n<|embed|>\n" if instruction else "<|embed|>\n"
+def pool(hidden_TD: torch.Tensor, cu_seqlens: torch.Tensor, skip_B: torch.Tensor, method: str, *,
+         normalize: bool = False) -> torch.Tensor:
+    """(B, D) embeddings of packed hidden states: GritLM's pooling, shared by GritModel.encode
+    and training. ``skip_B`` (B,) int32: leading (instruction) tokens left out of the mean.
+
+    "mean" / "weightedmean": fp32 (``grit_kernels.mean_pool``, L2-normalised in the kernel
+    when ``normalize``); "cls": the first token; "lasttoken": the last one, in fp32 (gritlm's
+    float mask product). ``normalize`` applies to the mean methods only."""
+    if method in ("mean", "weightedmean"):
+        return grit_kernels.mean_pool(hidden_TD, cu_seqlens=cu_seqlens, skip=skip_B, normalize=normalize,
+                                      weighted=method == "weightedmean")
+    if method == "cls":
+        return hidden_TD[cu_seqlens[:-1].long()]
+    if method == "lasttoken":
+        return hidden_TD[cu_seqlens[1:].long() - 1].float()
+    raise ValueError(f"pooling_method: expected one of {POOLING_METHODS}, got {method!r}")
 
 
 class GritModel(torch.nn.Module):
@@ -181,21 +192,14 @@ class GritModel(torch.nn.Module):
         lengths = [len(x) for x in batch_ids]
         tokens = torch.tensor([t for x in batch_ids for t in x], dtype=torch.long, device=dev)
         cu = torch.tensor([0] + lengths, device=dev).cumsum(0).to(torch.int32)
-        kv = [] if get_cache else None
-        hidden = self.model(tokens, packed_positions(cu, tokens.numel()), cu, max(lengths),
-                            causal=not bidirectional, kv_out=kv, position_bound=max(lengths))
+        hidden, _, kv = self.model(tokens, packed_positions(cu, tokens.numel()), cu_seqlens=cu,
+                                   max_seqlen=max(lengths), causal=not bidirectional, return_kv=get_cache,
+                                   position_bound=max(lengths))
         method = self.pooling_method
-        normalize_in_kernel = self.normalized and self.projection is None and not recast
-        if method in ("mean", "weightedmean"):
-            skip_t = torch.full((len(lengths),), skip, dtype=torch.int32, device=dev)
-            emb = grit_kernels.mean_pool(hidden, cu_seqlens=cu, skip=skip_t, normalize=normalize_in_kernel,
-                                         weighted=method == "weightedmean")
-        elif method == "cls":
-            emb = hidden[cu[:-1].long()]
-            normalize_in_kernel = False
-        else:  # lasttoken; gritlm's float mask product makes it fp32
-            emb = hidden[cu[1:].long() - 1].float()
-            normalize_in_kernel = False
+        normalize_in_kernel = self.normalized and self.projection is None and not recast and method in (
+            "mean", "weightedmean")
+        skip_t = torch.full((len(lengths),), skip, dtype=torch.int32, device=dev)
+        emb = pool(hidden, cu, skip_t, method, normalize=normalize_in_kernel)
         if self.projection is not None:
             # Pooling is a weighted average with weights summing to 1, so projecting the pooled
             # vector equals gritlm's projection of every token, at 1/L of the cost.

@@ -5,20 +5,20 @@ and MLP biases (Llama's attention_bias/mlp_bias, Qwen2's q/k/v biases), RoPE sca
 llama3, linear, dynamic), tied embeddings, and the causal window per layer (Mistral: every
 layer; Qwen2: the layers its layer_types mark; Llama: none).
 
-Shape legend (suffixes on tensor names, as in torchtitan):
-    T  packed tokens of all sequences, back to back     B  sequences (batch rows)
-    S  tokens per row (cache path)                      D  hidden size (model dim)
-    Hq query heads, Hk key/value heads, K head dim      F  MLP / expert hidden size
-    E  experts                                          V  vocabulary
+Shapes (the package's one legend, grit_kernels/__init__.py; suffixes on tensor names as in
+torchtitan): T packed tokens of all sequences, B sequences (rows), S tokens per row (cache
+path), L_max cache capacity, D hidden size, Hq query heads, Hkv key/value heads, Dh head
+dim, F MLP / expert hidden size, E experts, K experts per token, V vocabulary.
 
-Two ways through the model:
+One pass through the model, ``Transformer.forward`` (gpt-fast's shape):
 
-* ``forward(tokens_T, positions_T, cu_seqlens, causal=...)``: packed sequences, no padding, each
-  attends only within itself (``grit_kernels.attention`` with ``cu_seqlens``). Used for
-  embedding (bidirectional, no sliding window, as GritLM was trained with sdpa), for a
-  generation prefill (causal with the config's sliding window) and for building KV caches.
-* ``forward_cached(tokens_BS, positions_BS, cache)``: rows of S new tokens appended to a
-  ``KVCache`` whose rows hold different lengths (``grit_kernels.attention_with_kvcache``).
+* packed (``cu_seqlens``): sequences back to back, no padding, each attending only within
+  itself (``grit_kernels.attention``). Used for embedding (bidirectional, no sliding window,
+  as GritLM was trained with sdpa), for a generation prefill (causal with the config's
+  sliding window, optionally writing a ``KVCache``) and for building reusable prefixes.
+* cached (``cache``): rows of S new tokens appended to a ``KVCache`` whose rows hold
+  different lengths (``grit_kernels.attention_with_kvcache``). The cache is the only writer
+  of its buffers.
 
 Weights are held fused where that saves GEMM launches: ``wqkv`` = [q; k; v] rows and
 ``w13`` = [gate; up] rows (HF's separate tensors are concatenated at load time).
@@ -27,6 +27,7 @@ Weights are held fused where that saves GEMM launches: ``wqkv`` = [q; k; v] rows
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,9 +84,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, seq_len: in
     return inv_freq
 
 
-class Rotary:
-    """RoPE tables (fp32), grown on demand and kept per device. Positions index the table, so
-    a cache computed at positions 0..L-1 keeps them when it is later reused (gritlm's rule).
+class Rotary(nn.Module):
+    """RoPE tables as non-persistent fp32 buffers (``inv_freq`` (Dh/2,), ``cos``/``sin``
+    (P, Dh/2)), grown on demand. Positions index the table, so a cache computed at positions
+    0..L-1 keeps them when it is later reused (gritlm's rule).
+
+    The buffers follow the module across ``.to(device)`` / ``to_empty`` but stay fp32 and
+    are recomputed from the config, never cast or left uninitialised (``_apply``): a bf16
+    ``model.to(dtype)`` must not round the frequencies, and HF keeps them in fp32 too.
 
     Dynamic NTK scaling follows transformers' state machine: a call whose positions reach
     past the longest length seen so far recomputes the frequencies for that length, and one
@@ -93,75 +99,136 @@ class Rotary:
     they were computed with, as in transformers)."""
 
     def __init__(self, cfg):
+        super().__init__()
         self.head_dim, self.theta, self.max_positions = cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings
         self.scaling = cfg.rope_scaling
         self.dynamic = (self.scaling or {}).get("rope_type") == "dynamic"
-        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, max_positions=self.max_positions)
-        self.original_inv_freq = self.inv_freq
         self.max_seq_len_cached = self.max_positions
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._reset(torch.device("cpu"))
 
-    def _update_dynamic(self, seq_len: int) -> None:
+    def _reset(self, device, seq_len: int | None = None) -> None:
+        """Frequencies for ``seq_len`` (dynamic scaling; default the original length) on
+        ``device``, and empty tables."""
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, seq_len, max_positions=self.max_positions)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        empty = torch.empty(0, self.head_dim // 2, device=device)
+        self.register_buffer("cos", empty, persistent=False)
+        self.register_buffer("sin", empty.clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._reset(self.inv_freq.device, self.max_seq_len_cached if self.dynamic else None)
+        return self
+
+    def _update_dynamic(self, seq_len: int, device) -> None:
         if seq_len > self.max_seq_len_cached:  # growth
-            self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, seq_len, self.max_positions)
             self.max_seq_len_cached = seq_len
-            self._tables.clear()
+            self._reset(device, seq_len)
         if seq_len < self.max_positions and self.max_seq_len_cached > self.max_positions:  # reset
-            self.inv_freq = self.original_inv_freq
             self.max_seq_len_cached = self.max_positions
-            self._tables.clear()
+            self._reset(device)
 
     def _table(self, n: int, device: torch.device):
-        cos, sin = self._tables.get(device, (None, None))
-        if cos is None or cos.shape[0] < n:
+        if self.inv_freq.device != device:  # built on the CPU under the loader's meta device
+            self._reset(device, self.max_seq_len_cached if self.dynamic else None)
+        if self.cos.shape[0] < n:
             # Grow geometrically; start at up to 4096 positions (a table of all 131072 positions
             # of Mixtral's config would be 64 MB at head_dim 128).
-            n = max(n, min(self.max_positions, 4096), 2 * cos.shape[0] if cos is not None else 0)
+            n = max(n, min(self.max_positions, 4096), 2 * self.cos.shape[0])
             # Same fp32 arithmetic as HF's rotary embedding, so the tables are bit-identical.
             # Only the first half is kept: HF's cos/sin repeat it for the second half.
-            freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device)[None, :]
-            cos, sin = freqs.cos(), freqs.sin()
-            self._tables[device] = (cos, sin)
-        return cos, sin
+            freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq[None, :]
+            self.cos, self.sin = freqs.cos(), freqs.sin()
+        return self.cos, self.sin
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype, bound: int | None = None):
-        """cos, sin of shape positions.shape + (1, K/2) in ``dtype`` (broadcast over heads).
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, bound: int | None = None):
+        """cos, sin of shape positions.shape + (1, Dh/2) in ``dtype`` (broadcast over heads).
 
         ``bound`` > every position spares reading ``positions.max()`` (a host sync on GPU);
         dynamic scaling reads the exact maximum, since its frequencies depend on it."""
         if bound is None or self.dynamic:
             bound = int(positions.max()) + 1 if positions.numel() else 1
         if self.dynamic:
-            self._update_dynamic(bound)
+            self._update_dynamic(bound, positions.device)
         cos, sin = self._table(bound, positions.device)
         return cos[positions].to(dtype).unsqueeze(-2), sin[positions].to(dtype).unsqueeze(-2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., H, K) rotated by cos/sin (..., 1, K/2), HF Mistral's half-split convention:
+    """x (..., H, Dh) rotated by cos/sin (..., 1, Dh/2), HF Mistral's half-split convention:
     [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] (what x*cos + rotate_half(x)*sin computes)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class KVCache:
-    """Per-layer key/value buffers for generation, with a length per row.
+class KVCache(nn.Module):
+    """Per-layer key/value buffers for generation with a length per row: the only writer of
+    cache state (gpt-fast's shape). Its methods are everything that changes it.
 
-    k[l], v[l]: (B, S_max, Hk, K). ``seqlens`` (B,) int32: tokens held by each row; row b's
-    next token is written at ``seqlens[b]``. Positions past ``seqlens[b]`` hold garbage that
-    is never read (attention_with_kvcache reads at most ``seqlens[b] + S_new`` keys).
+    Buffers: ``k``, ``v`` (n_layers, B, L_max, Hkv, Dh) and ``seqlens`` (B,) int32, the tokens
+    held by each row: row b's next token goes to slot ``seqlens[b]``. Slots past
+    ``seqlens[b]`` hold garbage that is never read (attention_with_kvcache reads at most
+    ``seqlens[b] + S_new`` keys).
     """
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  *, device, dtype):
-        shape = (batch, max_len, n_kv_heads, head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        super().__init__()
+        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.empty(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.empty(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("seqlens", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def attend(self, layer: int, q_BSHD, k_BSHD, v_BSHD, window: tuple[int, int]) -> torch.Tensor:
+        """Append the rows' new k/v (B, S, Hkv, Dh) after their ``seqlens`` in this layer's
+        buffers and attend causally over everything each row holds -> (B, S, Hq, Dh)."""
+        return grit_kernels.attention_with_kvcache(q_BSHD, self.k[layer], self.v[layer], self.seqlens,
+                                                   k=k_BSHD.contiguous(), v=v_BSHD.contiguous(), causal=True,
+                                                   window=window)
+
+    def advance(self, n: int) -> None:
+        """Every row now holds n more tokens (after a cached pass of n tokens per row)."""
+        self.seqlens += n
+
+    def set_lengths(self, lengths) -> None:
+        """Tokens held by each row: a (B,) tensor or list of ints."""
+        self.seqlens.copy_(torch.as_tensor(lengths, dtype=torch.int32))
+
+    def write_packed(self, layer: int, rows_T, positions_T, k_THD, v_THD) -> None:
+        """Scatter packed tokens' k/v into this layer: token t goes to row rows_T[t], slot
+        positions_T[t] (one indexed write per tensor, no host sync)."""
+        self.k[layer][rows_T, positions_T] = k_THD
+        self.v[layer][rows_T, positions_T] = v_THD
+
+    def lengths_from_packed(self, rows_T, positions_T) -> None:
+        """seqlens[b] = 1 + the last slot written to row b by ``write_packed`` (on device)."""
+        self.seqlens.zero_().scatter_reduce_(0, rows_T, (positions_T + 1).to(torch.int32), reduce="amax")
+
+    def load_prefixes(self, prefixes) -> None:
+        """Row b starts from ``prefixes[b]`` (a KVPrefix, or None for an empty row)."""
+        lengths = []
+        for b, p in enumerate(prefixes):
+            n = 0 if p is None else p.length
+            for layer in range(self.k.shape[0]):
+                if n:
+                    self.k[layer, b, :n] = p.k[layer].to(self.k.dtype)
+                    self.v[layer, b, :n] = p.v[layer].to(self.v.dtype)
+            lengths.append(n)
+        self.set_lengths(lengths)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row b becomes what row rows[b] was (beam search keeps its surviving beams)."""
+        self.k.copy_(self.k[:, rows])
+        self.v.copy_(self.v[:, rows])
+        self.seqlens.copy_(self.seqlens[rows])
 
 
 class Attention(nn.Module):
@@ -177,31 +244,29 @@ class Attention(nn.Module):
         self.causal_window = cfg.layer_window(layer)
 
     def _qkv(self, x: torch.Tensor, cos, sin):
-        """x (..., D) -> q (..., Hq, K), k and v (..., Hk, K), RoPE applied to q and k."""
+        """x (..., D) -> q (..., Hq, Dh), k and v (..., Hkv, Dh), RoPE applied to q and k."""
         qkv = F.linear(x, self.wqkv, self.bqkv).unflatten(-1, (self.n_q + 2 * self.n_kv, self.head_dim))
         # One rotary pass over the q and k heads together (half the elementwise launches).
         qk = apply_rotary(qkv[..., :self.n_q + self.n_kv, :], cos, sin)
         return qk[..., :self.n_q, :], qk[..., self.n_q:, :], qkv[..., self.n_q + self.n_kv:, :]
 
-    def forward(self, x_TD, cos, sin, cu_seqlens, max_seqlen: int, causal: bool, kv_out: list | None):
-        q, k, v = self._qkv(x_TD, cos, sin)
-        if kv_out is not None:
-            kv_out.append((k, v))
-        # Bidirectional passes ignore the sliding window (GritLM embeds with sdpa, which never
-        # saw Mistral's window); causal passes use the config's window.
-        window = self.causal_window if causal else (-1, -1)
-        o = grit_kernels.attention(
-            q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-            max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
-        )
-        return F.linear(o.flatten(-2), self.wo, self.bo)
-
-    def forward_cached(self, x_BSD, cos, sin, k_cache, v_cache, seqlens):
-        q, k, v = self._qkv(x_BSD, cos, sin)
-        o = grit_kernels.attention_with_kvcache(
-            q, k_cache, v_cache, seqlens, k=k.contiguous(), v=v.contiguous(), causal=True, window=self.causal_window,
-        )
-        return F.linear(o.flatten(-2), self.wo, self.bo)
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int | None, causal: bool, cache: KVCache | None,
+                index: int):
+        """Packed: x (T, D) -> (T, D); cached (``cache`` given, x (B, S, D)): the rows' new
+        tokens appended to layer ``index`` of the cache. Also returns this pass's RoPE'd
+        (k, v) (T or B, S, Hkv, Dh), from which callers build reusable prefixes."""
+        q, k, v = self._qkv(x, cos, sin)
+        if cache is not None and cu_seqlens is None:
+            o = cache.attend(index, q, k, v, self.causal_window)
+        else:
+            # Bidirectional passes ignore the sliding window (GritLM embeds with sdpa, which
+            # never saw Mistral's window); causal passes use the config's window.
+            window = self.causal_window if causal else (-1, -1)
+            o = grit_kernels.attention(
+                q, k, v, causal=causal, window=window, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+            )
+        return F.linear(o.flatten(-2), self.wo, self.bo), (k, v)
 
 
 class MLP(nn.Module):
@@ -265,28 +330,31 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe else MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int = 0, causal: bool = True, kv_out: list | None = None, *,
-                kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
-        """Returns (x, router logits (N, E) for Mixtral, else None), x of the input's shape.
+                max_seqlen: int | None = None, causal: bool = True, cache: KVCache | None = None, index: int = 0):
+        """Returns (x, router logits (N, E) for Mixtral else None, this layer's (k, v)).
 
-        Packed (``kv_cache`` None): x (T, D), cos/sin (T, 1, K/2), ``cu_seqlens`` (B + 1,)
-        int32, ``max_seqlen``, ``causal`` and ``kv_out`` as in ``Transformer.forward``.
-        Cached: x (B, S, D), cos/sin (B, S, 1, K/2), ``kv_cache`` = (k, v, seqlens) with k, v
-        (B, S_max, Hk, K) this layer's cache buffers and seqlens (B,) int32 the tokens each row
-        holds (causal, config window; cu_seqlens, max_seqlen, causal and kv_out are unused).
+        Packed: x (T, D), cos/sin (T, 1, Dh/2), ``cu_seqlens`` (B + 1,) int32, ``max_seqlen``,
+        ``causal``. Cached (``cache`` given, ``cu_seqlens`` None): x (B, S, D), cos/sin
+        (B, S, 1, Dh/2), causal with the config's window, appended to layer ``index``.
         """
-        h = self.attn_norm(x)
-        if kv_cache is None:
-            h = self.attn(h, cos, sin, cu_seqlens, max_seqlen, causal, kv_out)
-        else:
-            h = self.attn.forward_cached(h, cos, sin, *kv_cache)
+        h, kv = self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, causal, cache, index)
         x = x + h
         h = self.mlp_norm(x)
         if isinstance(self.mlp, MoE):
             h, router_logits_NE = self.mlp(h)
         else:
             h, router_logits_NE = self.mlp(h), None
-        return x + h, router_logits_NE
+        return x + h, router_logits_NE, kv
+
+
+class ModelOutput(NamedTuple):
+    """``Transformer.forward``'s result. hidden: final-normed (T, D) or (B, S, D);
+    router_logits: per-layer (N, E) (Mixtral; empty otherwise); kv: per-layer RoPE'd (k, v)
+    when asked for (``return_kv``), else None."""
+
+    hidden: torch.Tensor
+    router_logits: list
+    kv: list | None
 
 
 class Transformer(nn.Module):
@@ -312,33 +380,47 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def forward(self, tokens_T: torch.Tensor, positions_T: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int, *, causal: bool, kv_out: list | None = None,
-                position_bound: int | None = None) -> torch.Tensor:
-        """Packed forward.
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, causal: bool = True, cache: KVCache | None = None,
+                cache_rows: torch.Tensor | None = None, return_kv: bool = False,
+                position_bound: int | None = None, layer_call=None) -> ModelOutput:
+        """The model's one pass: embed -> rotary -> layers -> norm.
 
-        tokens_T, positions_T: (T,) int64; cu_seqlens: (B + 1,) int32 offsets of the sequences;
-        max_seqlen: the longest one. ``kv_out``: when a list, each layer's RoPE'd (k, v) (T, Hk, K)
-        are appended to it (to build KV caches). ``position_bound``: an int > every position
-        (spares a host sync to find it).
-        Returns the final-normed hidden states (T, D).
+        Packed (``cu_seqlens`` (B + 1,) int32 given): tokens, positions (T,) int64, sequences
+        back to back, each attending within itself (``causal`` or bidirectional);
+        ``max_seqlen`` the longest (spares a read of cu_seqlens). With ``cache`` and
+        ``cache_rows`` (T,) as well, every layer's k/v are written to the cache at (row,
+        position) and its lengths set from them (a packed prefill).
+        Cached (``cache`` given, no ``cu_seqlens``): tokens, positions (B, S): S new tokens per
+        row appended after what each row holds; the cache's lengths advance by S.
+
+        ``position_bound``: an int > every position (spares a host sync to find it).
+        ``layer_call(layer, *args)``: how each layer is called (training wraps it in
+        activation checkpointing); layers are always called as modules (FSDP2's hooks).
         """
-        x = F.embedding(tokens_T, self.embed)
-        cos, sin = self.rotary(positions_T, x.dtype, position_bound)
-        for layer in self.layers:
-            x, _ = layer(x, cos, sin, cu_seqlens, max_seqlen, causal, kv_out)
-        return self.norm(x)
-
-    def forward_cached(self, tokens_BS: torch.Tensor, positions_BS: torch.Tensor, cache: KVCache,
-                       position_bound: int | None = None) -> torch.Tensor:
-        """Appends S new tokens per row to ``cache`` (causal, config window) and advances
-        ``cache.seqlens`` by S. tokens_BS, positions_BS (B, S) int64. Returns hidden (B, S, D)."""
-        x = F.embedding(tokens_BS, self.embed)
-        cos, sin = self.rotary(positions_BS, x.dtype, position_bound)
-        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            x, _ = layer(x, cos, sin, kv_cache=(k_cache, v_cache, cache.seqlens))
-        cache.seqlens += tokens_BS.shape[1]
-        return self.norm(x)
+        x = F.embedding(tokens, self.embed)
+        # Under autocast the projections give bf16 q, k, v while fp32 master weights keep the
+        # residual stream in fp32: RoPE tables in the residual's dtype would promote q and k
+        # back to fp32 next to a bf16 v, which the attention op rejects.
+        dev = x.device.type
+        rope_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        cos, sin = self.rotary(positions, rope_dtype, position_bound)
+        cached = cache is not None and cu_seqlens is None
+        router, kvs = [], [] if return_kv else None
+        for i, layer in enumerate(self.layers):
+            args = (x, cos, sin, cu_seqlens, max_seqlen, causal, cache if cached else None, i)
+            x, r, (k, v) = layer_call(layer, *args) if layer_call is not None else layer(*args)
+            if r is not None:
+                router.append(r)
+            if kvs is not None:
+                kvs.append((k, v))
+            if cache is not None and not cached:
+                cache.write_packed(i, cache_rows, positions, k, v)
+        if cached:
+            cache.advance(tokens.shape[1])
+        elif cache is not None:
+            cache.lengths_from_packed(cache_rows, positions)
+        return ModelOutput(self.norm(x), router, kvs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V) in the model dtype."""

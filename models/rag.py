@@ -23,19 +23,11 @@ import torch
 
 from .generation import KVPrefix
 
-MODES = (None, "doc", "query", "docquery", "querydoc")
-
-EMBED = "<|embed|>\n"
-ANSWER_PREFIX = "The answer is"
-FORMAT_QUERY_FIRST = ("<|user|>\n{query}\n\n{doc}\n\nOptionally using the prior context answer the query "
-                      "prior to it\n<|assistant|>\n")
-FORMAT_DOC_FIRST = ("<|user|>\n{doc}\n\n{query}\n\nAnswer the prior query while optionally using the context "
-                    "prior to it\n<|assistant|>\n")
-CACHED_QUERY = "\n<|user|>\n{doc}\n\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n"
-CACHED_DOC = ("\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context prior to it"
-              "\n<|assistant|>\n")
-CACHED_DOC_QUERY = "\n<|user|>\nAnswer the prior query while optionally using the context prior to it\n<|assistant|>\n"
-CACHED_QUERY_DOC = "\n<|user|>\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n"
+from .prompts import (  # noqa: E402,F401  (gritlm's RAG prompts; re-exported for callers of rag)
+    ANSWER_PREFIX, CACHED_DOC, CACHED_DOC_QUERY, CACHED_QUERY, CACHED_QUERY_DOC, EMBED, FORMAT_DOC_FIRST,
+    FORMAT_QUERY_FIRST,
+)
+from .prompts import RAG_MODES as MODES  # noqa: E402
 
 
 def passage_text(doc) -> str:

@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from .options import LOSS_GEN_TYPES, MODES, POOLING_METHODS
+from .prompts import LOSS_GEN_TYPES, MODES
+from .prompts import TRAIN_POOLING_METHODS as POOLING_METHODS
 
 # torch and the trainer are imported inside train(): `--help` and a bad option answer at once.
 

@@ -56,7 +56,8 @@ def rows_of(lengths, vocab, seed=0):
 def forward(model, rows, causal=True):
     tokens = torch.cat(rows)
     cu = torch.tensor([0] + [r.numel() for r in rows]).cumsum(0).to(torch.int32)
-    return model(tokens, packed_positions(cu, tokens.numel()), cu, max(r.numel() for r in rows), causal=causal), cu
+    return model(tokens, packed_positions(cu, tokens.numel()), cu_seqlens=cu, max_seqlen=max(r.numel() for r in rows),
+                 causal=causal).hidden, cu
 
 
 def test_configs_read_like_transformers(ckpts):
@@ -166,7 +167,7 @@ def test_incremental_decode_equals_full_forward_with_per_layer_windows(ckpts):
         cache = model.new_cache(1, 20)
         pos = 0
         for n in (4, 3, 1, 5, 3):
-            out = model.logits(model.forward_cached(r[None, pos:pos + n], torch.arange(pos, pos + n)[None], cache))
+            out = model.logits(model(r[None, pos:pos + n], torch.arange(pos, pos + n)[None], cache=cache).hidden)
             torch.testing.assert_close(out[0], full[pos:pos + n], atol=ATOL, rtol=1e-5)
             pos += n
 

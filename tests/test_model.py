@@ -63,7 +63,8 @@ def packed(lengths, vocab, seed=0):
 
 def our_forward(model, rows, cu, causal):
     tokens = torch.cat(rows)
-    return model(tokens, packed_positions(cu, tokens.numel()), cu, int(max(r.numel() for r in rows)), causal=causal)
+    return model(tokens, packed_positions(cu, tokens.numel()), cu_seqlens=cu,
+                 max_seqlen=int(max(r.numel() for r in rows)), causal=causal).hidden
 
 
 @pytest.mark.parametrize("name", ["mistral_sw", "mixtral"])
@@ -123,14 +124,14 @@ def test_incremental_decode_equals_full_forward(ckpts):
         full = model.logits(our_forward(model, rows, cu, causal=True))
         cache = model.new_cache(2, 20)
         prefill = torch.stack([rows[0][:4], torch.cat([rows[1][:1], torch.zeros(3, dtype=torch.long)])])
-        out = model.logits(model.forward_cached(prefill, torch.arange(4).repeat(2, 1), cache))
-        cache.seqlens.copy_(torch.tensor([4, 1], dtype=torch.int32))
+        out = model.logits(model(prefill, torch.arange(4).repeat(2, 1), cache=cache).hidden)
+        cache.set_lengths([4, 1])
         torch.testing.assert_close(out[0], full[0:4], atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(out[1, :1], full[cu[1]:cu[1] + 1], atol=ATOL, rtol=1e-5)
         for n in (3, 1, 1, 3, 1, 1, 1):
             pos = cache.seqlens.long().tolist()
             toks = torch.stack([rows[b][pos[b]:pos[b] + n] for b in range(2)])
-            out = model.logits(model.forward_cached(toks, cache.seqlens.long()[:, None] + torch.arange(n), cache))
+            out = model.logits(model(toks, cache.seqlens.long()[:, None] + torch.arange(n), cache=cache).hidden)
             for b in range(2):
                 torch.testing.assert_close(out[b], full[cu[b] + pos[b]:cu[b] + pos[b] + n], atol=ATOL, rtol=1e-5)
     assert cache.seqlens.tolist() == [15, 12]

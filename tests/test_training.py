@@ -590,7 +590,7 @@ def test_saved_model_reads_back_in_transformers(ckpt, moe_ckpt, tmp_path, arch):
         back = load_checkpoint(tmp_path / "saved")
         cu = torch.tensor([0, ids.shape[1]], dtype=torch.int32)
         pos = torch.arange(ids.shape[1])
-        reread = back.logits(back(ids[0], pos, cu, ids.shape[1], causal=True))
+        reread = back.logits(back(ids[0], pos, cu_seqlens=cu, max_seqlen=ids.shape[1], causal=True).hidden)
     if arch == "mixtral":
         assert len(list((tmp_path / "saved").glob("model-0000*-of-*.safetensors"))) > 2
         assert back.dtype == torch.bfloat16 and hf.dtype == torch.float32
@@ -599,7 +599,7 @@ def test_saved_model_reads_back_in_transformers(ckpt, moe_ckpt, tmp_path, arch):
             for p in tm.parameters():
                 p.copy_(p.to(torch.bfloat16).float())
             ours = tm.model.logits(tm.hidden(ids[0], cu, ids.shape[1], causal=True)[0])
-            reread = back.logits(back(ids[0], pos, cu, ids.shape[1], causal=True))
+            reread = back.logits(back(ids[0], pos, cu_seqlens=cu, max_seqlen=ids.shape[1], causal=True).hidden)
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(reread, want, rtol=1e-4, atol=1e-5)
     saved_dtype = json.loads((tmp_path / "saved" / "config.json").read_text())["torch_dtype"]
