@@ -106,7 +106,7 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     python_requires=">=3.10",
-    packages=find_packages(include=["grit_kernels", "grit_kernels.*"]) + ["grit_models"],
+    packages=find_packages(include=["grit_kernels", "grit_kernels.*"]) + ["grit_models", "grit_models.training"],
     package_dir={"grit_models": "models"},
     package_data={"grit_models": ["data/*.jsonl"]},  # the sample training data
     ext_modules=[] if skip_reason else [CMakeExtension("grit_kernels._C")],

@@ -1,0 +1,1 @@
+"""The cuda backend: launchers over grit_kernels._C (csrc/), one module per op that has csrc kernels."""
