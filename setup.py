@@ -117,6 +117,7 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        "transformers>=4.44",  # the checkpoint's tokenizer (AutoTokenizer), as gritlm
         "tqdm>=4.66",
     ],
     extras_require={
@@ -125,6 +126,7 @@ setup(
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
             "transformers>=5.0",
+            "sentencepiece>=0.2",  # converts Mistral-7B's tokenizer.model for the tokenizer tests
         ],
         # gritlm (a baseline and test oracle) is installed separately with --no-deps: its
         # declared extras (mteb, datasets, wandb, accelerate) are not needed to import it.

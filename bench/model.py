@@ -230,6 +230,7 @@ def cases(device: torch.device, quick: bool):
         bpath, _ = _checkpoint(device, quick, arch)
         b_ours = gm.GritModel(str(bpath), device=str(device))
         b_ref = _gritlm(gritlm, bpath, device, dtype, arch)
+        b_ours.tokenizer = b_ref.tokenizer  # the same ids on both sides (see _gritlm for qwen2)
         out.append(Case(
             "model encode", f"N={n_texts} L={min(lengths)}..{max(lengths)} bs={bs} {dims} {arch}", backend,
             fn=lambda m=b_ours: m.encode(corpus, batch_size=bs, max_length=512, convert_to_tensor=True),

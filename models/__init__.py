@@ -3,7 +3,7 @@
     MistralConfig, MixtralConfig,  from an HF config.json (``MistralConfig.from_pretrained(path)``
     LlamaConfig, Qwen2Config       picks the class from model_type)
     load_checkpoint(path)          HF safetensors (single or sharded) -> Transformer
-    Tokenizer                      the checkpoint's tokenizer.json, BOS added like the original
+    load_tokenizer(path)           the checkpoint's Hugging Face tokenizer, with gritlm's settings
     GritModel (alias GritLM)       drop-in for gritlm.GritLM: encode, encode_queries/corpus, generate
     KVPrefix                       one sequence's KV cache (encode(..., get_cache=True), RAG caching)
     generate                       HF-style generation on a Transformer
@@ -30,7 +30,7 @@ _API = {
     "GritLM": "grit", "GritModel": "grit", "gritlm_instruction_format": "grit",
     "KVCache": "mistral", "Transformer": "mistral",
     "cache_documents": "rag", "cache_query": "rag", "rag_generate": "rag",
-    "Tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
 }
 
 __all__ = sorted(_API)

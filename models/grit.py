@@ -23,7 +23,7 @@ from . import generation as _generation
 from .checkpoint import load_checkpoint
 from .generation import KVPrefix
 from .mistral import packed_positions
-from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer, token_ids
 
 from .prompts import ATTN_MODES, MODES, POOLING_METHODS
 from .prompts import instruction_format as gritlm_instruction_format  # noqa: F401  (gritlm's name)
@@ -84,14 +84,15 @@ class GritModel(torch.nn.Module):
         self.model = load_checkpoint(model_name_or_path, device=self.device, torch_dtype=torch_dtype,
                                      with_lm_head=mode != "embedding")
         self.config = self.model.config
-        self.tokenizer = Tokenizer(model_name_or_path) if is_inference else None
+        self.generation_config = _generation.default_generation_config(self.model, model_name_or_path)
+        self.tokenizer = load_tokenizer(model_name_or_path) if is_inference else None
         self.projection = torch.nn.Linear(
             self.config.hidden_size, int(projection), dtype=self.model.dtype, device=self.device,
         ) if projection is not None else None
         self.mode, self.normalized, self.pooling_method = mode, normalized, pooling_method
         self.embed_eos, self.attn = embed_eos, attn
         self.num_gpus = 1
-        if embed_eos and (self.tokenizer is None or self.tokenizer.token_to_id(embed_eos) is None):
+        if embed_eos and (self.tokenizer is None or embed_eos not in self.tokenizer.get_vocab()):
             raise ValueError(f"embed_eos: token {embed_eos!r} is not in the vocabulary")
 
     @property
@@ -150,10 +151,8 @@ class GritModel(torch.nn.Module):
             raise TypeError(f"instruction: expected a string, got {type(instruction).__name__}")
 
         tok = self.tokenizer
-        if max_length is None:  # gritlm truncates with the tokenizer's model_max_length then
-            max_length = tok.model_max_length
-        ids = tok.encode_batch([instruction + s + self.embed_eos for s in sentences],
-                               add_special_tokens=add_special_tokens, max_length=max_length)
+        ids = token_ids(tok, [instruction + s + self.embed_eos for s in sentences],
+                        add_special_tokens=add_special_tokens, max_length=max_length)
         if any(len(x) == 0 for x in ids):
             raise ValueError("sentences: a text tokenised to zero tokens (empty text with add_special_tokens=False)")
         V = self.config.vocab_size
@@ -165,7 +164,7 @@ class GritModel(torch.nn.Module):
         skip = 0
         if instruction and not embed_instruction and "mean" in self.pooling_method:
             # gritlm: the instruction tokenised on its own, with BOS, counts the masked tokens.
-            skip = len(tok.encode(instruction, add_special_tokens=add_special_tokens, max_length=max_length))
+            skip = len(token_ids(tok, [instruction], add_special_tokens=add_special_tokens, max_length=max_length)[0])
         bidirectional = self.attn is not None and self.attn[:2] == "bb"
 
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -220,12 +219,13 @@ class GritModel(torch.nn.Module):
     # ------------------------------------------------------------------ generation
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
-        """HF-style ``generate`` (see grit_models.generation.generate): returns prompt + new
-        tokens. Accepts ``use_cache`` for gritlm call sites (a cache is always used)."""
+        """transformers' ``generate`` (see grit_models.generation.generate): prompt + new tokens,
+        with the checkpoint's generation_config.json as defaults and this model's tokenizer for
+        ``stop_strings``. ``input_ids`` may be what the tokenizer returned (a BatchEncoding)."""
         if self.mode == "embedding":
             raise RuntimeError("generate: mode='embedding' loads no lm_head; use mode='unified'")
-        kwargs.pop("use_cache", None)
-        return _generation.generate(self.model, input_ids, attention_mask, **kwargs)
+        kwargs.setdefault("tokenizer", self.tokenizer)
+        return _generation.generate(self.model, input_ids, attention_mask, defaults=self.generation_config, **kwargs)
 
     def rag(self, query, documents, *, cache=None, **kwargs):
         """Answer ``query`` with retrieved ``documents`` in one of gritlm's RAG modes

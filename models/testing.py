@@ -14,6 +14,7 @@ need transformers.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -83,14 +84,55 @@ def tiny_config(arch: str = "mistral", **overrides) -> dict:
     return cfg
 
 
+MISTRAL_WHEEL = "mistral_common-1.13.1-py3-none-any.whl"
+MISTRAL_TOKENIZER = "mistral_common/data/tokenizer.model.v1"  # Mistral-7B's sentencepiece model
+MISTRAL_VOCAB = 32000
+
+
+def write_mistral_tokenizer(path, wheels=None) -> Path:
+    """Mistral-7B's real tokenizer in ``path``: the sentencepiece model shipped in the
+    ``mistral-common`` wheel, converted by transformers into ``tokenizer.json`` (with
+    ``tokenizer.model`` and ``tokenizer_config.json`` as Mistral's hub folder has them).
+
+    The wheel is read as a zip, not installed: an installed mistral_common changes how
+    transformers loads Mistral tokenizers (and needs tiktoken, pydantic-extra-types).
+    ``wheels``: where ``pip download --no-deps -d DIR mistral-common==1.13.1`` put it
+    (default ``$GRIT_WHEELS`` or ``.cache/wheels`` of the repository). Needs sentencepiece."""
+    import zipfile
+
+    from transformers import AutoTokenizer
+
+    folder = Path(wheels or os.environ.get("GRIT_WHEELS") or Path(__file__).resolve().parent.parent / ".cache/wheels")
+    wheel = folder / MISTRAL_WHEEL
+    if not wheel.is_file():
+        raise FileNotFoundError(f"{wheel}: Mistral's tokenizer comes from this wheel; get it with "
+                                f"pip download --no-deps -d {folder} mistral-common==1.13.1")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z:
+        (path / "tokenizer.model").write_bytes(z.read(MISTRAL_TOKENIZER))
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=32768,
+    )))
+    AutoTokenizer.from_pretrained(str(path)).save_pretrained(str(path))  # writes tokenizer.json
+    return path
+
+
 def make_checkpoint(path, arch: str = "mistral", *, seed: int = 0, max_shard_size=None, dtype="float32",
-                    init_std: float = 0.1, **config_overrides) -> Path:
+                    init_std: float = 0.1, tokenizer: str = "word", **config_overrides) -> Path:
     """Write a random tiny checkpoint (weights, config, tokenizer) into ``path``; returns it.
 
     ``init_std``: weights are drawn N(0, init_std) (norm weights around 1) rather than
     transformers' 0.02 so that logits are far from uniform and greedy decoding has no near-ties.
     ``max_shard_size`` (e.g. "20KB") writes a sharded checkpoint with an index json.
+    ``tokenizer``: "word" (the tiny word-level one) or "mistral" (Mistral-7B's real
+    sentencepiece tokenizer, ``write_mistral_tokenizer``; vocab_size becomes 32000).
     """
+    if tokenizer == "mistral":
+        config_overrides.setdefault("vocab_size", MISTRAL_VOCAB)
+    elif tokenizer != "word":
+        raise ValueError(f"tokenizer: expected 'word' or 'mistral', got {tokenizer!r}")
     import torch
     import transformers
 
@@ -112,6 +154,9 @@ def make_checkpoint(path, arch: str = "mistral", *, seed: int = 0, max_shard_siz
     model = model.to(getattr(torch, dtype))
     kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
     model.save_pretrained(path, **kwargs)
+    if tokenizer == "mistral":
+        write_mistral_tokenizer(path)
+        return path
     build_tokenizer().save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token="</s>", unk_token="<unk>",

@@ -176,15 +176,15 @@ def test_incremental_decode_equals_full_forward_with_per_layer_windows(ckpts):
 def test_embeddings_match_gritlm(ckpts, name):
     gritlm = pytest.importorskip("gritlm")
     ref = gritlm.GritLM(str(ckpts[name]), device="cpu", dtype=torch.float32)
+    ours = gm.GritModel(str(ckpts[name]), device="cpu")
     if name.startswith("qwen2"):
         # transformers 5 loads every qwen2 checkpoint with its Qwen2Tokenizer (a byte-level
         # BPE rebuilt from the vocabulary), whatever tokenizer_config.json says: right for
-        # real Qwen2 checkpoints, wrong for this word-level test tokenizer. The oracle here
-        # is gritlm's model computation, so give it the checkpoint's own tokenizer.json.
-        ref.tokenizer = transformers.PreTrainedTokenizerFast(
+        # real Qwen2 checkpoints, wrong for this word-level test tokenizer (ids past the
+        # vocabulary). Both sides get the checkpoint's own tokenizer.json instead.
+        ref.tokenizer = ours.tokenizer = transformers.PreTrainedTokenizerFast(
             tokenizer_file=str(ckpts[name] / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
             unk_token="<unk>", pad_token="</s>", padding_side="right")
-    ours = gm.GritModel(str(ckpts[name]), device="cpu")
     texts = random_texts(9, 1, 30, seed=2)
     instruction = gm.gritlm_instruction_format("represent the question to retrieve a passage")
     for inst in ("", instruction):

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
 import grit_models as gm
+from grit_models.tokenizer import token_ids
 from grit_models.mistral import packed_positions
 from grit_models.testing import make_checkpoint
 
@@ -193,30 +194,6 @@ def test_sampling(ckpts):
     assert torch.equal(a, b)
 
 
-def test_top_k_top_p_filter_like_transformers():
-    from grit_models.generation import _filter_logits
-
-    torch.manual_seed(0)
-    logits = torch.randn(4, 50) * 3
-    ids = torch.zeros(4, 1, dtype=torch.long)
-    for temp, k, p in [(1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 10, 0.5), (1.0, 50, 0.95)]:
-        ref = logits.clone()
-        if temp != 1.0:
-            ref = transformers.TemperatureLogitsWarper(temp)(ids, ref)
-        if k:
-            ref = transformers.TopKLogitsWarper(k)(ids, ref)
-        if p < 1.0:
-            ref = transformers.TopPLogitsWarper(p)(ids, ref)
-        got = _filter_logits(logits.clone(), temp, k, p)
-        assert torch.equal(torch.isinf(got), torch.isinf(ref))
-        torch.testing.assert_close(got[~torch.isinf(got)], ref[~torch.isinf(ref)])
-
-
-# ---------------------------------------------------------------------------------------
-# loading
-# ---------------------------------------------------------------------------------------
-
-
 def test_sharded_checkpoint_loads(ckpts):
     path = ckpts["sharded"]
     assert (path / "model.safetensors.index.json").is_file()
@@ -291,7 +268,7 @@ def test_missing_files(ckpts, tmp_path):
     path = _copy(ckpts["mistral"], tmp_path / "notok")
     (path / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        gm.Tokenizer(path)
+        gm.load_tokenizer(path)
     shard = _copy(ckpts["sharded"], tmp_path / "lostshard")
     index = json.loads((shard / "model.safetensors.index.json").read_text())
     (shard / sorted(set(index["weight_map"].values()))[-1]).unlink()
@@ -351,18 +328,32 @@ def test_generate_bad_input(ckpts):
         gm.generate(model, ids, past_key_values=[None, None])
 
 
+def _gritlm_tokenizer(path):
+    """The tokenizer as gritlm.GritLM.__init__ builds it (the oracle)."""
+    tok = transformers.AutoTokenizer.from_pretrained(path, padding_side="right")
+    if not tok.pad_token and tok.eos_token:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _gritlm_ids(tok, texts, add_special_tokens, max_length):
+    """gritlm.GritLM.encode's tokenizer call (padded batch), each row without its padding."""
+    enc = tok(texts, padding=True, truncation=True, return_tensors="pt", max_length=max_length,
+              add_special_tokens=add_special_tokens)
+    return [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+
+
 def test_tokenizer_matches_transformers(ckpts):
     path = ckpts["mistral"]
-    ours = gm.Tokenizer(path)
-    ref = transformers.AutoTokenizer.from_pretrained(path)
+    ours = gm.load_tokenizer(path)
+    ref = _gritlm_tokenizer(path)
     texts = ["<|user|>\nrepresent the query\n<|embed|>\nthe cat is blue", "paris", "", "zebra unknown words"]
     for add in (True, False):
         for max_length in (None, 3):
-            got = ours.encode_batch(texts, add_special_tokens=add, max_length=max_length)
-            want = ref(texts, add_special_tokens=add, truncation=max_length is not None,
-                       max_length=max_length)["input_ids"]
-            assert got == want, (add, max_length)
+            assert token_ids(ours, texts, add_special_tokens=add, max_length=max_length) == \
+                _gritlm_ids(ref, texts, add, max_length), (add, max_length)
     assert ours.pad_token_id == ours.eos_token_id == 2 and ours.bos_token_id == 1
+    assert ours.padding_side == "right"
 
 
 def test_sentencepiece_style_tokenizer_matches_transformers(ckpts, tmp_path):
@@ -387,9 +378,8 @@ def test_sentencepiece_style_tokenizer_matches_transformers(ckpts, tmp_path):
         (path / "tokenizer_config.json").write_text(json.dumps(dict(
             tokenizer_class="LlamaTokenizer", legacy=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
             **flags)))
-        ours, ref = gm.Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+        ours, ref = gm.load_tokenizer(path), _gritlm_tokenizer(path)
         for add in (True, False):
             for max_length in (None, 4):
-                want = ref(texts, add_special_tokens=add, truncation=max_length is not None,
-                           max_length=max_length)["input_ids"]
-                assert ours.encode_batch(texts, add_special_tokens=add, max_length=max_length) == want
+                assert token_ids(ours, texts, add_special_tokens=add, max_length=max_length) == \
+                    _gritlm_ids(ref, texts, add, max_length)

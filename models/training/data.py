@@ -139,15 +139,17 @@ class TextEncoder:
     def __init__(self, path):
         from tokenizers import Tokenizer as _Tok
 
-        from ..tokenizer import Tokenizer
+        from ..tokenizer import load_tokenizer
 
         path = Path(path)
-        wrapper = Tokenizer(path)  # token names and ids as the inference side reads them
-        self.bos, self.eos = wrapper.bos_token or "", wrapper.eos_token or ""
-        self.eos_id = wrapper.eos_token_id
+        hf = load_tokenizer(path)  # token names and ids as the inference side reads them
+        self.bos, self.eos = hf.bos_token or "", hf.eos_token or ""
+        self.eos_id = hf.eos_token_id
         file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"training needs the fast tokenizer file (character offsets): no {file}")
         self._tok = _Tok.from_file(str(file))
-        self.vocab_size = wrapper.vocab_size
+        self.vocab_size = len(hf)
 
     def ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
