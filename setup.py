@@ -127,6 +127,8 @@ setup(
             "hypothesis>=6.100",
             "transformers>=5.0",
             "sentencepiece>=0.2",  # converts Mistral-7B's tokenizer.model for the tokenizer tests
+            "scipy>=1.10",         # gritlm's README example (cosine similarity)
+            "pandas>=2.0",         # encode() of a pandas Series
         ],
         # gritlm (a baseline and test oracle) is installed separately with --no-deps: its
         # declared extras (mteb, datasets, wandb, accelerate) are not needed to import it.

@@ -50,6 +50,31 @@ class KVPrefix:
         return KVPrefix([torch.cat([p.k[i] for p in prefixes]) for i in range(n)],
                         [torch.cat([p.v[i] for p in prefixes]) for i in range(n)])
 
+    def __getitem__(self, index):
+        raise TypeError(
+            "KVPrefix: encode(..., get_cache=True) returns one KVPrefix per text (k[l], v[l] of shape (L, Hkv, Dh) "
+            "for each layer, no padding), not gritlm's per-layer (key, value) tuples of the padded batch. Pass the "
+            "list (or one element) to generate(past_key_values=...) as it is, or use KVPrefix.to_legacy(caches) "
+            "for gritlm's layout.")
+
+    @staticmethod
+    def to_legacy(prefixes) -> tuple:
+        """gritlm's ``get_cache`` layout: per layer (key, value), each (B, Hkv, L_max, Dh), the
+        texts right-padded with zeros to the longest (gritlm pads on the right)."""
+        prefixes = list(prefixes)
+        L = max(p.length for p in prefixes)
+        out = []
+        for layer in range(len(prefixes[0].k)):
+            pair = []
+            for part in ("k", "v"):
+                first = getattr(prefixes[0], part)[layer]
+                t = first.new_zeros((len(prefixes), L, *first.shape[1:]))
+                for b, p in enumerate(prefixes):
+                    t[b, :p.length] = getattr(p, part)[layer]
+                pair.append(t.transpose(1, 2))
+            out.append(tuple(pair))
+        return tuple(out)
+
     @staticmethod
     def from_hf(past_key_values) -> list["KVPrefix"]:
         """Per-row prefixes from an HF cache: a ``DynamicCache`` or the legacy tuple of

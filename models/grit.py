@@ -64,7 +64,7 @@ class GritModel(torch.nn.Module):
     ) -> None:
         super().__init__()
         if model_name_or_path is None:
-            raise ValueError("model_name_or_path: a local checkpoint folder is required")
+            raise ValueError("model_name_or_path: a checkpoint folder or a Hugging Face hub id is required")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if pooling_method not in POOLING_METHODS:
@@ -74,14 +74,12 @@ class GritModel(torch.nn.Module):
         dtype_kw = kwargs.pop("dtype", None)
         if dtype_kw is not None:
             torch_dtype = dtype_kw
-        # transformers' loading options that have no meaning here are accepted and ignored so
-        # that gritlm call sites keep working; anything else is probably a typo.
-        ignored = {"attn_implementation", "trust_remote_code", "low_cpu_mem_usage", "revision"}
-        unknown = sorted(set(kwargs) - ignored)
-        if unknown:
-            raise TypeError(f"GritModel: unexpected keyword arguments {unknown}")
-        self.device = _resolve_device(device)
-        self.model = load_checkpoint(model_name_or_path, device=self.device, torch_dtype=torch_dtype,
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        _check_loading_kwargs(kwargs)
+        model_name_or_path = resolve_checkpoint(model_name_or_path, **hub)
+        dev = _resolve_device(device)
+        self.device = DeviceName(dev)
+        self.model = load_checkpoint(model_name_or_path, device=dev, torch_dtype=torch_dtype,
                                      with_lm_head=mode != "embedding")
         self.config = self.model.config
         self.generation_config = _generation.default_generation_config(self.model, model_name_or_path)
@@ -137,16 +135,9 @@ class GritModel(torch.nn.Module):
         if self.tokenizer is None:
             raise RuntimeError("encode: the model was created with is_inference=False (no tokenizer)")
         input_was_string = isinstance(sentences, str)
-        if input_was_string:
-            sentences = [sentences]
-        if not isinstance(sentences, (list, tuple)) or not all(isinstance(s, str) for s in sentences):
-            raise TypeError("sentences: expected a string or a list of strings")
-        if len(sentences) == 0:
-            raise ValueError("sentences: expected at least one text, got an empty list")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length: expected a positive integer or None, got {max_length!r}")
+        sentences = _texts(sentences)
+        batch_size = _positive_int("batch_size", batch_size)
+        max_length = None if max_length is None else _positive_int("max_length", max_length)
         if not isinstance(instruction, str):
             raise TypeError(f"instruction: expected a string, got {type(instruction).__name__}")
 
@@ -236,6 +227,137 @@ class GritModel(torch.nn.Module):
 
 
 GritLM = GritModel
+
+
+# gritlm passes its **kwargs to from_pretrained; these are what each one does here.
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+# Accepted, with the meaning they have for this model: attention is always this package's
+# kernels (any attn_implementation gives the same result), loading is always low-memory
+# (meta device, tensors read straight to their device), remote code is never needed.
+_ACCEPTED_KWARGS = {"attn_implementation": ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
+                                            None),
+                    "trust_remote_code": (True, False, None), "low_cpu_mem_usage": (True, False, None),
+                    "use_safetensors": (True, None)}
+# Rejected by name: placement across devices and quantisation are not implemented.
+_REJECTED_KWARGS = {
+    "device_map": "loads the whole model on `device` (pass device='cuda:1' etc.); multi-device placement "
+                  "is not implemented",
+    "max_memory": "goes with device_map, which is not implemented",
+    "offload_folder": "goes with device_map, which is not implemented",
+    "load_in_4bit": "quantised weights are not supported", "load_in_8bit": "quantised weights are not supported",
+    "quantization_config": "quantised weights are not supported",
+}
+
+
+def _check_loading_kwargs(kwargs: dict) -> None:
+    for name, value in kwargs.items():
+        if name in _ACCEPTED_KWARGS:
+            if value not in _ACCEPTED_KWARGS[name]:
+                raise ValueError(f"{name}: {value!r} is not supported (accepted: {_ACCEPTED_KWARGS[name]})")
+        elif name in _REJECTED_KWARGS:
+            if name == "device_map" and value in (None, "cpu", {"": "cpu"}):
+                continue  # the one placement that needs nothing: everything on the CPU
+            if value not in (None, False):
+                raise ValueError(f"{name}: GritModel {_REJECTED_KWARGS[name]}")
+        else:
+            raise TypeError(f"GritModel: unexpected keyword argument {name!r}")
+
+
+# What a checkpoint download needs: config, tokenizer and safetensors weights (no .bin / .pt).
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+
+
+def resolve_checkpoint(model_name_or_path, *, revision=None, cache_dir=None, token=None, local_files_only=None,
+                       force_download=False, subfolder=None) -> str:
+    """A local checkpoint folder as it is, or a hub id (``"GritLM/GritLM-7B"``) through
+    ``huggingface_hub.snapshot_download`` (honouring ``HF_HUB_OFFLINE``, ``HF_HOME`` and the
+    arguments), downloading only config, tokenizer and safetensors files. -> the folder."""
+    from pathlib import Path
+
+    path = Path(str(model_name_or_path))
+    if path.is_dir():
+        return str(path / subfolder) if subfolder else str(path)
+    name = str(model_name_or_path)
+    if name.count("/") > 1 or name.startswith((".", "/", "~")) or path.suffix:
+        raise FileNotFoundError(f"model_name_or_path: {name} is neither a folder nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = HUB_PATTERNS if not subfolder else [f"{subfolder}/{p}" for p in HUB_PATTERNS]
+    try:
+        folder = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                   local_files_only=bool(local_files_only), force_download=force_download,
+                                   allow_patterns=patterns)
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(f"model_name_or_path: {name} is not in the Hugging Face cache and downloading is "
+                                f"off (local_files_only / HF_HUB_OFFLINE) or failed: {e}") from None
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(f"model_name_or_path: {name} could not be fetched from the hub: {e}") from None
+    return str(Path(folder) / subfolder) if subfolder else folder
+
+
+def _texts(sentences) -> list[str]:
+    """Any sequence of strings (list, tuple, numpy array of str, pandas Series, a datasets
+    column, a generator) as a list; a non-string element is an error naming its index."""
+    if isinstance(sentences, str):
+        return [sentences]
+    if isinstance(sentences, (bytes, dict)) or not hasattr(sentences, "__iter__"):
+        raise TypeError(f"sentences: expected a string or a sequence of strings, got {type(sentences).__name__}")
+    texts = list(sentences.tolist() if hasattr(sentences, "tolist") and not isinstance(sentences, list)
+                 else sentences)
+    for i, s in enumerate(texts):
+        if not isinstance(s, str):
+            raise TypeError(f"sentences[{i}]: expected a string, got {type(s).__name__} ({s!r:.40})")
+    if not texts:
+        raise ValueError("sentences: expected at least one text, got an empty sequence")
+    return [str(s) for s in texts]
+
+
+def _positive_int(name: str, value) -> int:
+    """An int >= 1 (numpy integers included; bools and floats are not counts)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+class DeviceName(str):
+    """The model's device as gritlm gives it: a string (``model.device == "cpu"`` holds, and
+    ``tensor.to(model.device)`` works), with ``torch.device``'s ``type`` and ``index``.
+    "cuda" and "cuda:0" compare equal when the default CUDA device is 0."""
+
+    def __new__(cls, device: torch.device):
+        obj = super().__new__(cls, str(device))
+        obj.torch = device
+        return obj
+
+    @property
+    def type(self) -> str:
+        return self.torch.type
+
+    @property
+    def index(self):
+        return self.torch.index
+
+    def _same(self, other) -> bool:
+        try:
+            o = torch.device(other) if isinstance(other, str) else other
+        except (RuntimeError, TypeError):
+            return False
+        if not isinstance(o, torch.device) or o.type != self.torch.type:
+            return False
+        default = torch.cuda.current_device() if o.type == "cuda" and torch.cuda.is_available() else 0
+        return (o.index if o.index is not None else default) == (
+            self.torch.index if self.torch.index is not None else default)
+
+    def __eq__(self, other) -> bool:
+        return self._same(other)
+
+    def __ne__(self, other) -> bool:
+        return not self._same(other)
+
+    __hash__ = str.__hash__
 
 
 def _resolve_device(device) -> torch.device:

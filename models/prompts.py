@@ -23,6 +23,16 @@ def instruction_format(instruction: str | None = None) -> str:
     return USER + instruction + "\n" + EMBED if instruction else EMBED
 
 
+# GritLM's chat format as a transformers chat template ("<s><|user|>\n{user}\n<|assistant|>\n"),
+# written into the test checkpoints' tokenizer_config.json.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
 def chat_turn(user: str) -> str:
     """One user turn up to where the assistant's answer starts (no BOS)."""
     return USER + user + ASSISTANT

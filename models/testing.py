@@ -18,6 +18,8 @@ import os
 import random
 from pathlib import Path
 
+from .prompts import CHAT_TEMPLATE
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|embed|>", "<|assistant|>", "\n"]
 
 # A small, fixed word list: ids are stable across runs, so tests can name token ids.
@@ -113,7 +115,7 @@ def write_mistral_tokenizer(path, wheels=None) -> Path:
         (path / "tokenizer.model").write_bytes(z.read(MISTRAL_TOKENIZER))
     (path / "tokenizer_config.json").write_text(json.dumps(dict(
         tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=32768,
+        add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=32768, chat_template=CHAT_TEMPLATE,
     )))
     AutoTokenizer.from_pretrained(str(path)).save_pretrained(str(path))  # writes tokenizer.json
     return path
@@ -160,7 +162,7 @@ def make_checkpoint(path, arch: str = "mistral", *, seed: int = 0, max_shard_siz
     build_tokenizer().save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=4096,
+        model_max_length=4096, chat_template=CHAT_TEMPLATE,
     )))
     return path
 
