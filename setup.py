@@ -129,9 +129,12 @@ setup(
             "sentencepiece>=0.2",  # converts Mistral-7B's tokenizer.model for the tokenizer tests
             "scipy>=1.10",         # gritlm's README example (cosine similarity)
             "pandas>=2.0",         # encode() of a pandas Series
+            "mteb>=2.0",           # tests/test_mteb.py: GritMTEB against mteb's gritlm-based wrapper
         ],
         # gritlm (a baseline and test oracle) is installed separately with --no-deps: its
         # declared extras (mteb, datasets, wandb, accelerate) are not needed to import it.
+        # grit_models.mteb.GritMTEB: mteb's encoder protocol (tests/test_mteb.py runs its mock tasks).
+        "mteb": ["mteb>=2.0"],
         "bench": ["matplotlib>=3.7", "transformers>=5.0", "cuda-python>=12.4; platform_system == 'Linux'"],
     },
     zip_safe=False,

@@ -170,7 +170,7 @@ def cases(device: torch.device, quick: bool):
     if device.type == "cuda":
         n_texts, max_words = (512, 500) if quick else (2048, 500)
     corpus = random_texts(n_texts, 4, max_words, seed=1)
-    lengths = [len(x) for x in ours.tokenizer.encode_batch(corpus, max_length=512)]
+    lengths = [len(x) for x in ours.tokenizer(corpus, truncation=True, max_length=512)["input_ids"]]
     bs = 32 if device.type == "cpu" else 128
     out.append(Case(
         "model encode", f"N={n_texts} L={min(lengths)}..{max(lengths)} bs={bs} {dims} mistral", backend,

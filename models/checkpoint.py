@@ -134,12 +134,23 @@ def _strip(name: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
 
 
+def module_of(name: str) -> str:
+    """The placed module (models/placement.py) a parameter of ours belongs to."""
+    if name in ("embed", "lm_head"):
+        return name
+    if name.startswith("norm"):
+        return "norm"
+    return ".".join(name.split(".")[:2])  # layers.i
+
+
 def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralConfig | None = None,
-                    with_lm_head: bool = True, strict_config: bool = True) -> Transformer:
+                    with_lm_head: bool = True, strict_config: bool = True, device_map: dict | None = None) -> Transformer:
     """Read the HF checkpoint folder ``path`` into a ``Transformer`` on ``device``.
 
     torch_dtype: "auto" (the config's ``torch_dtype``, float32 if it names none), a torch
     dtype or its name. ``with_lm_head=False`` skips the output head (embedding-only use).
+    ``device_map``: {"embed" | "layers.i" | "norm" | "lm_head": device} (``placement.plan``)
+    puts each module's tensors on its own device instead.
     Raises CheckpointError listing missing, unexpected and mis-shaped tensors.
     """
     cfg = config if config is not None else MistralConfig.from_pretrained(path, strict=strict_config)
@@ -184,7 +195,8 @@ def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralCo
 
     # 2. Read tensors straight onto the device, cast, and fuse into our layout.
     full_name = {_strip(n): n for n in where}
-    handles = {f: _open(f, str(device) if device.type != "cpu" else "cpu") for f in files}
+    read_on = "cpu" if device.type == "cpu" or device_map is not None else str(device)
+    handles = {f: _open(f, read_on) for f in files}
 
     def get(name: str) -> torch.Tensor:
         n = full_name[name]
@@ -195,7 +207,10 @@ def load_checkpoint(path, *, device="cpu", torch_dtype="auto", config: MistralCo
 
     sd = {}
     for entry in weight_map.entries(cfg, fused_experts=fused, with_lm_head=with_lm_head):
-        sd.update(zip(entry.ours, entry.to_ours([get(n) for n in entry.hf])))
+        tensors = entry.to_ours([get(n) for n in entry.hf])
+        if device_map is not None:
+            tensors = [t.to(device_map[module_of(n)]) for n, t in zip(entry.ours, tensors)]
+        sd.update(zip(entry.ours, tensors))
     handles.clear()
 
     with torch.device("meta"):

@@ -445,7 +445,7 @@ def _prefill(model, rows, prefixes, max_new: int, pad: int):
             tokens[b, :lens[b]] = r
         positions = torch.tensor(plens, device=device)[:, None] + torch.arange(S, device=device)
         hidden = model(tokens, positions, cache=cache, position_bound=cache.max_len).hidden
-        last = hidden[torch.arange(R, device=device), torch.tensor(lens, device=device) - 1]
+        last = hidden[torch.arange(R, device=hidden.device), torch.tensor(lens, device=hidden.device) - 1]
         cache.set_lengths([p + n for p, n in zip(plens, lens)])
         return cache, last
     # Packed causal prefill: no compute on padding; every layer's keys/values go straight to
@@ -456,7 +456,7 @@ def _prefill(model, rows, prefixes, max_new: int, pad: int):
     row_of = torch.repeat_interleave(torch.arange(R, device=device), torch.tensor(lens, device=device))
     hidden = model(tokens, positions, cu_seqlens=cu, max_seqlen=max(lens), causal=True, cache=cache,
                    cache_rows=row_of, position_bound=max(lens)).hidden
-    return cache, hidden[cu[1:].long() - 1]
+    return cache, hidden[cu[1:].long().to(hidden.device) - 1]
 
 
 def _step(model, cache, tokens_R):
@@ -473,7 +473,7 @@ def _sample(model, cache, last, seqs, cfg, procs, crit, eos, pad, streamer, gene
     scores, raw = (), ()
     unfinished = torch.ones(seqs.shape[0], dtype=torch.long, device=seqs.device)
     while True:
-        logits = model.logits(last).float()
+        logits = model.logits(last).float().to(seqs.device)  # the head may sit on another device
         next_scores = procs(seqs, logits)
         if want_scores:
             scores += (next_scores,)
@@ -534,7 +534,7 @@ def _beam_search(model, cache, last, input_ids, cfg, procs, crit, eos, pad, B, n
     lp, early = cfg.length_penalty, cfg.early_stopping
     while True:
         flat = running[:, :, :cur].reshape(B * nb, cur)
-        logits = model.logits(last).float()
+        logits = model.logits(last).float().to(device)
         log_probs = procs(flat, torch.log_softmax(logits, dim=-1))
         if want_scores:
             scores += (log_probs.clone(),)

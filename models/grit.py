@@ -75,12 +75,27 @@ class GritModel(torch.nn.Module):
         if dtype_kw is not None:
             torch_dtype = dtype_kw
         hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        device_map, max_memory = kwargs.pop("device_map", None), kwargs.pop("max_memory", None)
+        if max_memory is not None and device_map is None:
+            raise ValueError("max_memory: only means something with device_map ('auto', 'balanced', 'sequential')")
         _check_loading_kwargs(kwargs)
         model_name_or_path = resolve_checkpoint(model_name_or_path, **hub)
-        dev = _resolve_device(device)
+        placement = None
+        if device_map is not None:  # whole layers on devices (models/placement.py), as device_map does
+            from .config import MistralConfig, parse_dtype
+            from .placement import plan
+
+            cfg = MistralConfig.from_pretrained(model_name_or_path)
+            dtype = cfg.torch_dtype or torch.float32 if torch_dtype in ("auto", None) else parse_dtype(
+                torch_dtype, "torch_dtype")
+            placement = plan(cfg, device_map, max_memory, dtype, with_lm_head=mode != "embedding")
+            dev = placement["embed"]
+        else:
+            dev = _resolve_device(device)
         self.device = DeviceName(dev)
         self.model = load_checkpoint(model_name_or_path, device=dev, torch_dtype=torch_dtype,
-                                     with_lm_head=mode != "embedding")
+                                     with_lm_head=mode != "embedding", device_map=placement)
+        self.device_map = placement
         self.config = self.model.config
         self.generation_config = _generation.default_generation_config(self.model, model_name_or_path)
         self.tokenizer = load_tokenizer(model_name_or_path) if is_inference else None
@@ -188,8 +203,9 @@ class GritModel(torch.nn.Module):
         method = self.pooling_method
         normalize_in_kernel = self.normalized and self.projection is None and not recast and method in (
             "mean", "weightedmean")
-        skip_t = torch.full((len(lengths),), skip, dtype=torch.int32, device=dev)
-        emb = pool(hidden, cu, skip_t, method, normalize=normalize_in_kernel)
+        # The last layer (and so hidden) may sit on another device than the embedding.
+        skip_t = torch.full((len(lengths),), skip, dtype=torch.int32, device=hidden.device)
+        emb = pool(hidden, cu.to(hidden.device), skip_t, method, normalize=normalize_in_kernel)
         if self.projection is not None:
             # Pooling is a weighted average with weights summing to 1, so projecting the pooled
             # vector equals gritlm's projection of every token, at 1/L of the cost.
@@ -238,12 +254,9 @@ _ACCEPTED_KWARGS = {"attn_implementation": ("eager", "sdpa", "flash_attention_2"
                                             None),
                     "trust_remote_code": (True, False, None), "low_cpu_mem_usage": (True, False, None),
                     "use_safetensors": (True, None)}
-# Rejected by name: placement across devices and quantisation are not implemented.
+# Rejected by name: disk offload and quantisation are not implemented.
 _REJECTED_KWARGS = {
-    "device_map": "loads the whole model on `device` (pass device='cuda:1' etc.); multi-device placement "
-                  "is not implemented",
-    "max_memory": "goes with device_map, which is not implemented",
-    "offload_folder": "goes with device_map, which is not implemented",
+    "offload_folder": "places every module on a GPU or the CPU (device_map); disk offload is not implemented",
     "load_in_4bit": "quantised weights are not supported", "load_in_8bit": "quantised weights are not supported",
     "quantization_config": "quantised weights are not supported",
 }
@@ -255,8 +268,6 @@ def _check_loading_kwargs(kwargs: dict) -> None:
             if value not in _ACCEPTED_KWARGS[name]:
                 raise ValueError(f"{name}: {value!r} is not supported (accepted: {_ACCEPTED_KWARGS[name]})")
         elif name in _REJECTED_KWARGS:
-            if name == "device_map" and value in (None, "cpu", {"": "cpu"}):
-                continue  # the one placement that needs nothing: everything on the CPU
             if value not in (None, False):
                 raise ValueError(f"{name}: GritModel {_REJECTED_KWARGS[name]}")
         else:

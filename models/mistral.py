@@ -165,70 +165,100 @@ class KVCache(nn.Module):
     """Per-layer key/value buffers for generation with a length per row: the only writer of
     cache state (gpt-fast's shape). Its methods are everything that changes it.
 
-    Buffers: ``k``, ``v`` (n_layers, B, L_max, Hkv, Dh) and ``seqlens`` (B,) int32, the tokens
-    held by each row: row b's next token goes to slot ``seqlens[b]``. Slots past
+    Buffers: ``k{i}``, ``v{i}`` (B, L_max, Hkv, Dh) for layer i, each on its layer's device
+    (``devices``; a model placed over several GPUs keeps each layer's cache with it), and
+    ``seqlens`` (B,) int32, the tokens held by each row: row b's next token goes to slot
+    ``seqlens[b]`` (mirrored on every other device the layers use). Slots past
     ``seqlens[b]`` hold garbage that is never read (attention_with_kvcache reads at most
     ``seqlens[b] + S_new`` keys).
     """
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 *, device, dtype):
+                 *, device, dtype, devices=None):
         super().__init__()
-        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.empty(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.empty(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("seqlens", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
+        devices = list(devices) if devices is not None else [torch.device(device)] * n_layers
+        self.n_layers = n_layers
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        for i, dev in enumerate(devices):
+            self.register_buffer(f"k{i}", torch.empty(shape, device=dev, dtype=dtype), persistent=False)
+            self.register_buffer(f"v{i}", torch.empty(shape, device=dev, dtype=dtype), persistent=False)
+        self.register_buffer("seqlens", torch.zeros(batch, dtype=torch.int32, device=devices[0]), persistent=False)
+        self._mirrors = {d: torch.zeros(batch, dtype=torch.int32, device=d)
+                         for d in dict.fromkeys(devices) if d != self.seqlens.device}
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's (k, v) buffers, (B, L_max, Hkv, Dh) each."""
+        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k0.shape[1]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k0.shape[0]
+
+    def _lengths_on(self, device) -> torch.Tensor:
+        return self.seqlens if device == self.seqlens.device else self._mirrors[device]
+
+    def _sync_mirrors(self) -> None:
+        for t in self._mirrors.values():
+            t.copy_(self.seqlens, non_blocking=True)
 
     def attend(self, layer: int, q_BSHD, k_BSHD, v_BSHD, window: tuple[int, int]) -> torch.Tensor:
         """Append the rows' new k/v (B, S, Hkv, Dh) after their ``seqlens`` in this layer's
         buffers and attend causally over everything each row holds -> (B, S, Hq, Dh)."""
-        return grit_kernels.attention_with_kvcache(q_BSHD, self.k[layer], self.v[layer], self.seqlens,
+        kc, vc = self.layer(layer)
+        return grit_kernels.attention_with_kvcache(q_BSHD, kc, vc, self._lengths_on(kc.device),
                                                    k=k_BSHD.contiguous(), v=v_BSHD.contiguous(), causal=True,
                                                    window=window)
 
     def advance(self, n: int) -> None:
         """Every row now holds n more tokens (after a cached pass of n tokens per row)."""
         self.seqlens += n
+        for t in self._mirrors.values():
+            t += n
 
     def set_lengths(self, lengths) -> None:
         """Tokens held by each row: a (B,) tensor or list of ints."""
         self.seqlens.copy_(torch.as_tensor(lengths, dtype=torch.int32))
+        self._sync_mirrors()
 
     def write_packed(self, layer: int, rows_T, positions_T, k_THD, v_THD) -> None:
         """Scatter packed tokens' k/v into this layer: token t goes to row rows_T[t], slot
         positions_T[t] (one indexed write per tensor, no host sync)."""
-        self.k[layer][rows_T, positions_T] = k_THD
-        self.v[layer][rows_T, positions_T] = v_THD
+        kc, vc = self.layer(layer)
+        rows_T, positions_T = rows_T.to(kc.device), positions_T.to(kc.device)
+        kc[rows_T, positions_T] = k_THD
+        vc[rows_T, positions_T] = v_THD
 
     def lengths_from_packed(self, rows_T, positions_T) -> None:
         """seqlens[b] = 1 + the last slot written to row b by ``write_packed`` (on device)."""
-        self.seqlens.zero_().scatter_reduce_(0, rows_T, (positions_T + 1).to(torch.int32), reduce="amax")
+        dev = self.seqlens.device
+        self.seqlens.zero_().scatter_reduce_(0, rows_T.to(dev), (positions_T.to(dev) + 1).to(torch.int32),
+                                             reduce="amax")
+        self._sync_mirrors()
 
     def load_prefixes(self, prefixes) -> None:
         """Row b starts from ``prefixes[b]`` (a KVPrefix, or None for an empty row)."""
         lengths = []
         for b, p in enumerate(prefixes):
             n = 0 if p is None else p.length
-            for layer in range(self.k.shape[0]):
+            for layer in range(self.n_layers):
+                kc, vc = self.layer(layer)
                 if n:
-                    self.k[layer, b, :n] = p.k[layer].to(self.k.dtype)
-                    self.v[layer, b, :n] = p.v[layer].to(self.v.dtype)
+                    kc[b, :n] = p.k[layer].to(device=kc.device, dtype=kc.dtype)
+                    vc[b, :n] = p.v[layer].to(device=vc.device, dtype=vc.dtype)
             lengths.append(n)
         self.set_lengths(lengths)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row b becomes what row rows[b] was (beam search keeps its surviving beams)."""
-        self.k.copy_(self.k[:, rows])
-        self.v.copy_(self.v[:, rows])
-        self.seqlens.copy_(self.seqlens[rows])
+        for layer in range(self.n_layers):
+            for t in self.layer(layer):
+                t.copy_(t[rows.to(t.device)])
+        self.seqlens.copy_(self.seqlens[rows.to(self.seqlens.device)])
+        self._sync_mirrors()
 
 
 class Attention(nn.Module):
@@ -408,6 +438,10 @@ class Transformer(nn.Module):
         cached = cache is not None and cu_seqlens is None
         router, kvs = [], [] if return_kv else None
         for i, layer in enumerate(self.layers):
+            dev = layer.attn_norm.weight.device
+            if x.device != dev:  # a model placed over several devices: move at the layer boundary
+                x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
+                cu_seqlens = cu_seqlens.to(dev) if cu_seqlens is not None else None
             args = (x, cos, sin, cu_seqlens, max_seqlen, causal, cache if cached else None, i)
             x, r, (k, v) = layer_call(layer, *args) if layer_call is not None else layer(*args)
             if r is not None:
@@ -420,19 +454,21 @@ class Transformer(nn.Module):
             cache.advance(tokens.shape[1])
         elif cache is not None:
             cache.lengths_from_packed(cache_rows, positions)
-        return ModelOutput(self.norm(x), router, kvs)
+        return ModelOutput(self.norm(x.to(self.norm.weight.device)), router, kvs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V) in the model dtype."""
         if not self.has_lm_head:
             raise RuntimeError("this model was loaded without its lm_head (mode='embedding'); "
                                "load it with mode='unified' or 'generative' to generate")
-        return F.linear(hidden, self.embed if self.lm_head is None else self.lm_head)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden.to(head.device), head)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim,
-                       device=self.device, dtype=self.dtype)
+                       device=self.device, dtype=self.dtype,
+                       devices=[layer.attn_norm.weight.device for layer in self.layers])
 
 
 def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -21,14 +21,25 @@ def load_tokenizer(path, **kwargs):
     for sentencepiece-only checkpoints) and usually ``tokenizer_config.json``."""
     from transformers import AutoTokenizer
 
+    from ._json import read_json_object
+
     folder = Path(path)
-    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"model_name_or_path: no tokenizer.json or tokenizer.model in {folder}")
+    if folder.is_dir():
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"model_name_or_path: no tokenizer.json or tokenizer.model in {folder}")
+        # Checked here so that the error names the file (transformers' would not).
+        if (folder / "tokenizer_config.json").is_file():
+            read_json_object(folder / "tokenizer_config.json")
+        if (folder / "tokenizer.json").is_file():
+            try:
+                read_json_object(folder / "tokenizer.json")
+            except ValueError as e:
+                raise ValueError(f"{folder / 'tokenizer.json'}: not a valid tokenizer file ({e})") from None
     kwargs.setdefault("padding_side", "right")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: transformers could not load its tokenizer ({e})") from None
+    except Exception as e:  # the Rust library's errors name neither the file nor the field
+        raise ValueError(f"{path}: transformers could not load its tokenizer ({type(e).__name__}: {e})") from None
     if not tok.pad_token and tok.eos_token:
         tok.pad_token = tok.eos_token
     return tok

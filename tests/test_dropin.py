@@ -189,14 +189,15 @@ def test_hub_id_from_the_cache_offline(ckpt, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kw", [dict(attn_implementation="sdpa"), dict(attn_implementation="flash_attention_2"),
                                 dict(trust_remote_code=True), dict(low_cpu_mem_usage=True),
-                                dict(torch_dtype=torch.float32), dict(dtype="float32"), dict(device_map="cpu")])
+                                dict(torch_dtype=torch.float32), dict(dtype="float32"), dict(device_map="cpu"),
+                                dict(device_map="auto"), dict(device_map={"": "cpu"})])
 def test_gritlm_keywords_honoured(ckpt, kw):
     model = gm.GritModel(str(ckpt), device="cpu", **kw)
-    assert model.encode(["x y"]).shape == (model.config.hidden_size,) or model.encode(["x y"]).ndim == 2
+    assert model.encode(["x y"]).shape == (1, model.config.hidden_size)
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(device_map="auto"), "device_map"), (dict(max_memory={0: "10GB"}), "max_memory"),
+    (dict(device_map={"model.layers": "cpu"}), "device_map"), (dict(max_memory={0: "10GB"}), "max_memory"),
     (dict(load_in_8bit=True), "load_in_8bit"), (dict(attn_implementation="paged"), "attn_implementation"),
     (dict(not_an_option=1), "not_an_option"),
 ])
@@ -215,3 +216,79 @@ def test_generation_config_json_gives_the_defaults(ckpt, tmp_path):
     ids = torch.tensor([[1, 5, 6]])
     assert model.generate(ids, do_sample=False).shape[1] == 6
     assert model.generate(ids, do_sample=False, max_new_tokens=5).shape[1] == 8
+
+
+# ---------------------------------------------------------------------------------------
+# device_map: the placement plan (CPU) and the real split over every visible GPU
+# ---------------------------------------------------------------------------------------
+
+MIXTRAL_8X7B = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                    num_experts_per_tok=2, max_position_embeddings=32768)
+
+
+def _runs(placement):
+    """The devices in placement order, each once (layers must sit in contiguous runs)."""
+    return list(dict.fromkeys(str(d) for d in placement.values()))
+
+
+def test_plan_splits_gritlm_8x7b_over_two_80gb_cards():
+    from grit_models.config import MistralConfig
+    from grit_models.placement import module_sizes, plan
+
+    cfg = MistralConfig.from_dict(MIXTRAL_8X7B, strict=False)
+    total = sum(module_sizes(cfg, torch.bfloat16).values())
+    assert 90e9 < total < 95e9  # GritLM-8x7B in bf16: does not fit one 80 GB card
+    with pytest.raises(ValueError, match="max_memory: the model .* does not fit"):
+        plan(cfg, "auto", max_memory={0: "80GB"})
+    for how in ("auto", "balanced", "sequential"):
+        p = plan(cfg, how, max_memory={0: "80GB", 1: "80GB"})
+        assert _runs(p) == ["cuda:0", "cuda:1"]
+        assert p["embed"] == p["layers.0"] and p["norm"] == p["lm_head"] == p["layers.31"]
+        for dev in ("cuda:0", "cuda:1"):  # every card within its budget
+            assert sum(module_sizes(cfg, torch.bfloat16)[m] for m, d in p.items() if str(d) == dev) <= 80e9
+    balanced = plan(cfg, "balanced", max_memory={0: "80GB", 1: "80GB"})
+    sequential = plan(cfg, "sequential", max_memory={0: "80GB", 1: "80GB"})
+    n0 = lambda p: sum(str(d) == "cuda:0" for d in p.values())  # noqa: E731
+    assert n0(sequential) > n0(balanced)  # sequential fills card 0 first
+    spill = plan(cfg, "sequential", max_memory={0: "60GiB", "cpu": "100GiB"})
+    assert _runs(spill) == ["cuda:0", "cpu"]
+
+
+def test_plan_from_a_dict_and_bad_input():
+    from grit_models.config import MistralConfig
+    from grit_models.placement import parse_bytes, plan
+
+    cfg = MistralConfig.from_dict(dict(MIXTRAL_8X7B, num_hidden_layers=4), strict=False)
+    p = plan(cfg, {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers": 1,
+                   "model.norm": 1, "lm_head": "cpu"})
+    assert [str(p[m]) for m in ("embed", "layers.0", "layers.1", "layers.2", "layers.3", "norm", "lm_head")] == \
+        ["cuda:0", "cuda:0", "cuda:0", "cuda:1", "cuda:1", "cuda:1", "cpu"]
+    with pytest.raises(ValueError, match="no entry places 'lm_head'"):
+        plan(cfg, {"model": 0})
+    with pytest.raises(ValueError, match="disk"):
+        plan(cfg, {"": "disk"})
+    assert parse_bytes("40GiB") == 40 * 2**30 and parse_bytes("500MB") == 500 * 10**6 and parse_bytes(7) == 7
+    with pytest.raises(ValueError, match="max_memory"):
+        parse_bytes("lots")
+
+
+@pytest.mark.gpu
+def test_device_map_split_over_every_visible_gpu(tmp_path):
+    """The real split: every visible GPU holds layers; embeddings and greedy generations equal
+    the single-device model's."""
+    if torch.cuda.device_count() < 1:
+        pytest.skip("needs a CUDA device")
+    path = make_checkpoint(tmp_path / "m", "mixtral", seed=5, num_hidden_layers=4)
+    n = torch.cuda.device_count()
+    layers_per = -(-4 // n)
+    dmap = {"model.embed_tokens": 0, "model.norm": n - 1, "lm_head": n - 1}
+    dmap.update({f"model.layers.{i}": min(i // layers_per, n - 1) for i in range(4)})
+    split = gm.GritModel(str(path), device_map=dmap, torch_dtype=torch.float32)
+    one = gm.GritModel(str(path), device="cuda:0", torch_dtype=torch.float32)
+    assert {str(d) for d in split.device_map.values()} == {f"cuda:{i}" for i in range(n)}
+    texts = random_texts(6, 2, 20, seed=3)
+    np.testing.assert_allclose(split.encode(texts), one.encode(texts), atol=1e-5, rtol=1e-4)
+    ids = torch.tensor([[1, 5, 6, 7]], device="cuda:0")
+    assert split.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
+        one.generate(ids, max_new_tokens=8, do_sample=False).tolist()
