@@ -489,7 +489,7 @@ from grit_kernels.triton import attention_kvcache as m
 
 def kbuild(fn, types, constexprs):
     # What a launch specialises: 16-byte aligned pointers, strides and D multiples of 16.
-    return build(fn, types, constexprs, aligned=lambda n: n.endswith("_ptr") or n.startswith("s_") or n == "D")
+    return build(fn, types, constexprs, aligned=lambda n: n.endswith("_ptr") or n.startswith("stride_") or n == "D")
 
 def attn_types(p):
     return {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "seqlens_ptr": "*i32", "out_ptr": p,

@@ -156,7 +156,9 @@ def test_any_sequence_of_texts(ckpt):
     texts = random_texts(5, 2, 8, seed=2)
     want = model.encode(texts, batch_size=2, max_length=64)  # the same batches: the same sums
     pandas = pytest.importorskip("pandas")
-    for seq in (tuple(texts), np.array(texts), pandas.Series(texts), (t for t in texts)):
+    datasets = pytest.importorskip("datasets")
+    column = datasets.Dataset.from_dict({"text": texts})["text"]  # dataset["text"], as users pass it
+    for seq in (tuple(texts), np.array(texts), pandas.Series(texts), (t for t in texts), column):
         np.testing.assert_array_equal(model.encode(seq, batch_size=np.int64(2), max_length=np.int32(64)), want)
     with pytest.raises(TypeError, match=r"sentences\[2\]: expected a string, got int"):
         model.encode(texts[:2] + [7])

@@ -64,7 +64,7 @@ def window_mask(ok, offs_m, offs_n, shift, left, right, HAS_LEFT: tl.constexpr, 
 def visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """(BLOCK_M, BLOCK_N) bool: query offs_m (of q_len) sees key offs_n (of k_len)."""
     ok = (offs_n[None, :] < k_len) & (offs_m[:, None] < q_len)
-    return window_mask(ok, offs_m, offs_n, k_len - q_len, left, right, HAS_LEFT, HAS_RIGHT)
+    return window_mask(ok, offs_m, offs_n, k_len - q_len, left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT)
 
 
 @triton.jit

@@ -85,8 +85,8 @@ def _kv_range(m0, q_len, k_len, left, right,
     shift = k_len - q_len  # bottom-right aligned diagonal
     m_last = m0 + BLOCK_M - 1
     # Rows past q_len: their results are never stored, any mask is fine for them.
-    lo, hi = key_range(m0, m_last, shift, k_len, left, right, HAS_LEFT, HAS_RIGHT)
-    full_lo, full_hi = key_range(m_last, m0, shift, k_len, left, right, HAS_LEFT, HAS_RIGHT)
+    lo, hi = key_range(m0, m_last, shift, k_len, left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT)
+    full_lo, full_hi = key_range(m_last, m0, shift, k_len, left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT)
     return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_N)
 
 
@@ -98,8 +98,8 @@ def _q_range(n0, q_len, k_len, left, right,
     queries and keys swapped (shift negated, left and right exchanged)."""
     shift = k_len - q_len
     n_last = n0 + BLOCK_N - 1
-    lo, hi = key_range(n0, n_last, -shift, q_len, right, left, HAS_RIGHT, HAS_LEFT)
-    full_lo, full_hi = key_range(n_last, n0, -shift, q_len, right, left, HAS_RIGHT, HAS_LEFT)
+    lo, hi = key_range(n0, n_last, -shift, q_len, right, left, HAS_LEFT=HAS_RIGHT, HAS_RIGHT=HAS_LEFT)
+    full_lo, full_hi = key_range(n_last, n0, -shift, q_len, right, left, HAS_LEFT=HAS_RIGHT, HAS_RIGHT=HAS_LEFT)
     if n_last >= k_len:  # keys past the sequence's end need the mask in every block
         full_hi = full_lo * 0
     return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M)
@@ -140,9 +140,9 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, hi, 
             k = _load(k_ptrs, d_ok[None, :], D != BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASK:
-            s = tl.where(visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s,
+            s = tl.where(visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT), s,
                          float("-inf"))
-        p, alpha, m_new, l_i = softmax_step(m_i, l_i, s, MASK)
+        p, alpha, m_new, l_i = softmax_step(m_i, l_i, s, MAY_BE_EMPTY=MASK)
         if MASK:
             v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             offs_n += BLOCK_N
@@ -191,16 +191,20 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    lo, mid_lo, mid_hi, hi = _kv_range(m0, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _kv_range(m0, q_len, k_len, left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, mid_lo, offs_m,
                                 q_len, k_len, left, right, qk_scale, D,
-                                True, HAS_LEFT, HAS_RIGHT, PREC, BLOCK_N, BLOCK_D)
+                                MASK=True, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, PREC=PREC,
+                                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, mid_lo, mid_hi, offs_m,
                                 q_len, k_len, left, right, qk_scale, D,
-                                False, HAS_LEFT, HAS_RIGHT, PREC, BLOCK_N, BLOCK_D)
+                                MASK=False, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, PREC=PREC,
+                                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, mid_hi, hi, offs_m,
                                 q_len, k_len, left, right, qk_scale, D,
-                                True, HAS_LEFT, HAS_RIGHT, PREC, BLOCK_N, BLOCK_D)
+                                MASK=True, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, PREC=PREC,
+                                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -278,8 +282,8 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qs,
         sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
         if (m0 < mid_lo) | (m0 >= mid_hi):  # boundary block. Mask the scores, not P: exp2 of
             # a hidden score above lse would overflow.
-            sT = tl.where(tl.trans(visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT)),
-                          sT, float("-inf"))
+            seen = visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT)
+            sT = tl.where(tl.trans(seen), sT, float("-inf"))
         pT = tl.math.exp2(sT - lse[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -324,7 +328,8 @@ def _attn_bwd_dkdv_kernel(
                 other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    lo, mid_lo, mid_hi, hi = _q_range(n0, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _q_range(n0, q_len, k_len, left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     q_row0 = b64 * stride_qb + q_start.to(tl.int64) * stride_qs
     do_row0 = b64 * stride_dob + q_start.to(tl.int64) * stride_dos
     lse_row0 = b64 * stride_lb + q_start.to(tl.int64)
@@ -337,7 +342,7 @@ def _attn_bwd_dkdv_kernel(
         DELTA_base = DELTA + lse_row0 + h * stride_lh
         dk, dv = _dkdv_blocks(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, stride_qs, stride_dos,
                               lo, mid_lo, mid_hi, hi, offs_n, q_len, k_len, left, right, qk_scale, D,
-                              HAS_LEFT, HAS_RIGHT, PREC, BLOCK_M, BLOCK_D)
+                              HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, PREC=PREC, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + kvh * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -365,7 +370,8 @@ def _dq_blocks(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, lo, 
             v = _load(v_ptrs, d_ok[None, :], D != BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASK:
-            s = tl.where(visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            seen = visible(offs_m, offs_n, q_len, k_len, left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT)
+            s = tl.where(seen, s, float("-inf"))
             offs_n += BLOCK_N
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -412,13 +418,17 @@ def _attn_bwd_dq_kernel(
     K_base = K + b64 * stride_kb + kvh * stride_kh + k_start.to(tl.int64) * stride_ks
     V_base = V + b64 * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vs
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    lo, mid_lo, mid_hi, hi = _kv_range(m0, q_len, k_len, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _kv_range(m0, q_len, k_len, left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     dq = _dq_blocks(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, lo, mid_lo, offs_m, q_len, k_len,
-                    left, right, qk_scale, D, True, HAS_LEFT, HAS_RIGHT, PREC, BLOCK_N, BLOCK_D)
+                    left, right, qk_scale, D, MASK=True, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, PREC=PREC,
+                                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     dq = _dq_blocks(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, mid_lo, mid_hi, offs_m, q_len,
-                    k_len, left, right, qk_scale, D, False, HAS_LEFT, HAS_RIGHT, PREC, BLOCK_N, BLOCK_D)
+                    k_len, left, right, qk_scale, D, MASK=False, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, PREC=PREC,
+                                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     dq = _dq_blocks(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, mid_hi, hi, offs_m, q_len, k_len,
-                    left, right, qk_scale, D, True, HAS_LEFT, HAS_RIGHT, PREC, BLOCK_N, BLOCK_D)
+                    left, right, qk_scale, D, MASK=True, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, PREC=PREC,
+                                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)

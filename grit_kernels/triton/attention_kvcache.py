@@ -49,8 +49,8 @@ from ._common import LOG2E, key_range, precision, softmax_step, splat, window_ma
 def _append_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr,
     Sq, Hkv, D, S_max,
-    s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
-    s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0)
@@ -65,19 +65,19 @@ def _append_kv_kernel(
     pos_ok = (pos_v >= 0) & (pos_v < S_max)
     ok = ((h < Hkv) & pos_ok)[:, None] & (d < D)[None, :]
     hh = h.to(tl.int64)[:, None]
-    kx = tl.load(k_ptr + b * s_kb + s * s_ks + hh * s_kh + d[None, :], mask=ok)
-    vx = tl.load(v_ptr + b * s_vb + s * s_vs + hh * s_vh + d[None, :], mask=ok)
-    tl.store(kc_ptr + b * s_kcb + pos * s_kcs + hh * s_kch + d[None, :], kx, mask=ok)
-    tl.store(vc_ptr + b * s_vcb + pos * s_vcs + hh * s_vch + d[None, :], vx, mask=ok)
+    kx = tl.load(k_ptr + b * stride_kb + s * stride_ks + hh * stride_kh + d[None, :], mask=ok)
+    vx = tl.load(v_ptr + b * stride_vb + s * stride_vs + hh * stride_vh + d[None, :], mask=ok)
+    tl.store(kc_ptr + b * stride_kcb + pos * stride_kcs + hh * stride_kch + d[None, :], kx, mask=ok)
+    tl.store(vc_ptr + b * stride_vcb + pos * stride_vcs + hh * stride_vch + d[None, :], vx, mask=ok)
 
 
 @triton.jit
 def _attn_kernel(
     q_ptr, kc_ptr, vc_ptr, seqlens_ptr, out_ptr, opart_ptr, lse_ptr,
-    s_qb, s_qs, s_qh,
-    s_kb, s_ks, s_kh,
-    s_vb, s_vs, s_vh,
-    s_ob, s_os, s_oh,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
     B, Sq, Sq_new, Hkv, D, S_max, NUM_SPLITS, qk_scale, window_left, window_right, TUNE_KEY,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, PREC: tl.constexpr,
@@ -112,7 +112,7 @@ def _attn_kernel(
         right = 0
     else:
         right = window_right
-    lo, hi = key_range(i_lo, i_hi, off, seqlen, window_left, right, HAS_LEFT, HAS_RIGHT)
+    lo, hi = key_range(i_lo, i_hi, off, seqlen, window_left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT)
     hi = tl.maximum(hi, lo)
     # This program's share: whole tiles, so every split but the last reads full tiles.
     n_tiles = tl.cdiv(hi - lo, BLOCK_N)
@@ -121,10 +121,11 @@ def _attn_kernel(
     end = tl.minimum(start + per_split * BLOCK_N, hi)
 
     b64 = b.to(tl.int64)
-    q_off = b64 * s_qb + qi.to(tl.int64)[:, None] * s_qs + head.to(tl.int64)[:, None] * s_qh + d[None, :]
+    q_off = (b64 * stride_qb + qi.to(tl.int64)[:, None] * stride_qs + head.to(tl.int64)[:, None] * stride_qh
+             + d[None, :])
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = kc_ptr + b64 * s_kb + hkv.to(tl.int64) * s_kh
-    v_base = vc_ptr + b64 * s_vb + hkv.to(tl.int64) * s_vh
+    k_base = kc_ptr + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = vc_ptr + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -134,13 +135,13 @@ def _attn_kernel(
         n_ok = n < end
         n64 = n.to(tl.int64)[:, None]
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n64 * s_ks + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + n64 * stride_ks + d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         # Keys: n < end <= seqlen already; rows past M are never stored.
-        seen = window_mask(n_ok[None, :], qi, n, off, window_left, right, HAS_LEFT, HAS_RIGHT)
+        seen = window_mask(n_ok[None, :], qi, n, off, window_left, right, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT)
         qk = tl.where(seen, qk, float("-inf"))
-        p, alpha, m_new, l_i = softmax_step(m_i, l_i, qk, True)
-        v = tl.load(v_base + n64 * s_vs + d[None, :], mask=kv_mask, other=0.0)
+        p, alpha, m_new, l_i = softmax_step(m_i, l_i, qk, MAY_BE_EMPTY=True)
+        v = tl.load(v_base + n64 * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new  # after the dot: updating it before costs 8 B more stack (ptxas, sm_90)
 
@@ -154,14 +155,15 @@ def _attn_kernel(
         tl.store(lse_ptr + flat, tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")),
                  mask=row_ok)
     else:
-        o_off = b64 * s_ob + qi.to(tl.int64)[:, None] * s_os + head.to(tl.int64)[:, None] * s_oh + d[None, :]
+        o_off = (b64 * stride_ob + qi.to(tl.int64)[:, None] * stride_os + head.to(tl.int64)[:, None] * stride_oh
+                 + d[None, :])
         tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _combine_kernel(
     opart_ptr, lse_ptr, out_ptr,
-    s_ob, s_os, s_oh,
+    stride_ob, stride_os, stride_oh,
     R, M, Hkv, D, NUM_SPLITS,
     GROUP: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -188,7 +190,8 @@ def _combine_kernel(
     b = bh // Hkv
     head = (bh % Hkv) * GROUP + row % GROUP  # out is (B, Sq, Hq, D), Hq = Hkv * GROUP
     qi = row // GROUP
-    tl.store(out_ptr + b * s_ob + qi * s_os + head * s_oh + d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(out_ptr + b * stride_ob + qi * stride_os + head * stride_oh + d, acc.to(out_ptr.dtype.element_ty),
+             mask=d_ok)
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,7 +253,8 @@ def _tuned_attn_kernel(prefill: bool):
     window or a causal mask changes which tiles are loaded, so its best tile may differ).
     """
     configs = _prefill_configs() if prefill else _decode_configs()
-    return triton.autotune(configs=configs, key=["TUNE_KEY", "GROUP", "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "PREC"])(_attn_kernel)
+    keys = ["TUNE_KEY", "GROUP", "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "PREC"]
+    return triton.autotune(configs=configs, key=keys)(_attn_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -313,7 +317,8 @@ def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        B, Sq, Sq_new, Hkv, D, S_max, num_splits, softmax_scale * LOG2E.value, max(left, 0), 0 if causal else max(right, 0),
+        B, Sq, Sq_new, Hkv, D, S_max, num_splits, softmax_scale * LOG2E.value,
+        max(left, 0), 0 if causal else max(right, 0),
     )
     meta = dict(
         GROUP=group, CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=causal or right >= 0,  # causal: right = 0
