@@ -127,6 +127,7 @@ setup(
             "hypothesis>=6.100",
             "transformers>=5.0",
             "sentencepiece>=0.2",  # converts Mistral-7B's tokenizer.model for the tokenizer tests
+            "protobuf>=4",         # (transformers reads the sentencepiece model through it)
             "scipy>=1.10",         # gritlm's README example (cosine similarity)
             "pandas>=2.0",         # encode() of a pandas Series
             "mteb>=2.0",           # tests/test_mteb.py: GritMTEB against mteb's gritlm-based wrapper
