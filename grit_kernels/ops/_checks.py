@@ -166,6 +166,49 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
     return values
 
 
+# Values of CUDA tensors already checked: (weakref to the tensor, its version counter, what
+# it was checked against) -> the result. A forward calls attention once per layer with the
+# same, unmodified cu_seqlens: only the first call reads them (one device-to-host copy and
+# sync per tensor instead of one per layer). In-place changes through torch bump the version.
+_SEEN: dict[int, tuple] = {}
+_SEEN_MAX = 16
+
+
+def read_once(t: torch.Tensor, against, compute, *, cacheable: bool | None = None):
+    """``compute()`` (which reads ``t``'s values), or its remembered result for this very
+    tensor, unchanged since (same version counter) and checked against the same ``against``.
+
+    Remembered only for CUDA tensors (``cacheable`` overrides, for tests): reading a CPU
+    tensor costs no sync, and a change made through ``.numpy()`` must be seen. Inference
+    tensors have no version counter, so they are read every time. While a CUDA graph is
+    being captured nothing can be read: returns None (the kernels bound every access)."""
+    import weakref
+
+    if cacheable is None:
+        cacheable = t.is_cuda and not t.is_inference()
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    if not cacheable:
+        return compute()
+    hit = _SEEN.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == against:
+        return hit[3]
+    result = compute()
+    if len(_SEEN) >= _SEEN_MAX:
+        _SEEN.pop(next(iter(_SEEN)))
+    _SEEN[id(t)] = (weakref.ref(t), t._version, against, result)
+    return result
+
+
+def longest_sequence(name: str, cu: torch.Tensor, total: int, device) -> int | None:
+    """``check_cu_seqlens``, then the longest sequence (None when values cannot be read).
+    What ``read_once`` remembers under ("cu_seqlens", total) for every op."""
+    values = check_cu_seqlens(name, cu, total, device)
+    if values is None:
+        return None
+    return int((values[1:] - values[:-1]).max()) if values.numel() > 1 else 0
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 

@@ -137,21 +137,31 @@ def _validate(q, k, v, causal, window, softmax_scale, cu_q, cu_k, max_q, max_k) 
 
 
 def _check_values(q, k, cu_q, cu_k, max_q: int, max_k: int) -> tuple[int, int]:
-    """Reads cu_seqlens (one small device-to-host copy per distinct tensor) -> the true
-    (max_seqlen_q, max_seqlen_k).
+    """Checks cu_seqlens and returns the true (max_seqlen_q, max_seqlen_k); padded layout: (Sq, Sk).
 
-    Runs before any output is allocated. Padded layout: (Sq, Sk).
+    Runs before any output is allocated. The values are read once per tensor
+    (``_checks.read_once``): on CUDA, the first layer of a forward pays one device-to-host
+    copy, the other layers and the backward none; cu_seqlens_k that is cu_seqlens_q is read once.
     """
     if cu_q is None:
         return q.shape[1], k.shape[1]
-    result, read = [], {}
+    result, seen = [], {}
     for name, cu, t, given in (("cu_seqlens_q", cu_q, q, max_q), ("cu_seqlens_k", cu_k, k, max_k)):
-        if id(cu) in read and t.shape[0] == q.shape[0]:
-            values = read[id(cu)]  # cu_seqlens_k is cu_seqlens_q (self-attention): read once
+        total = t.shape[0]
+        if (id(cu), total) in seen:  # cu_seqlens_k is cu_seqlens_q (self-attention)
+            longest = seen[(id(cu), total)]
         else:
-            values = _checks.check_cu_seqlens(name, cu, t.shape[0], t.device)
-            read[id(cu)] = values
-        longest = int((values[1:] - values[:-1]).max()) if values.numel() > 1 else 0
+            longest = _checks.read_once(cu, ("cu_seqlens", total), lambda: _checks.longest_sequence(name, cu, total, t.device))
+            seen[(id(cu), total)] = longest
+        if longest is None:  # fake tensors / CUDA graph capture: nothing can be read
+            if given < 0:
+                if _checks._is_fake(cu):
+                    result.append(0)
+                    continue
+                raise ValueError(f"max_seqlen_{name[-1]}: required while a CUDA graph is captured "
+                                 "(cu_seqlens cannot be read then)")
+            result.append(given)
+            continue
         if given >= 0 and given < longest:
             arg = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
             raise ValueError(f"{arg}: {given} is shorter than the longest sequence ({longest}) in {name}")

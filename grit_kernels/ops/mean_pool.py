@@ -86,9 +86,18 @@ def _check_values(cu_seqlens, skip, total: int) -> None:
     """Value checks that need the data (one small device-to-host copy on CUDA)."""
     if cu_seqlens is None:
         return
-    _checks.check_cu_seqlens("cu_seqlens", cu_seqlens, total, cu_seqlens.device)
-    if skip is not None and skip.numel() and not _checks._is_fake(skip) and bool((skip < 0).any()):
-        raise ValueError(f"skip: expected non-negative instruction lengths, got {skip.tolist()[:16]}")
+    # Read once per tensor (_checks.read_once): no sync on CUDA for a cu_seqlens that the
+    # model's attention layers already checked.
+    _checks.read_once(cu_seqlens, ("cu_seqlens", total),
+                      lambda: _checks.longest_sequence("cu_seqlens", cu_seqlens, total, cu_seqlens.device))
+
+    def check_skip():
+        if skip.numel() and not _checks._is_fake(skip) and bool((skip < 0).any()):
+            raise ValueError(f"skip: expected non-negative instruction lengths, got {skip.tolist()[:16]}")
+        return True
+
+    if skip is not None:
+        _checks.read_once(skip, ("skip",), check_skip)
 
 
 # ---------------------------------------------------------------------------------------
