@@ -146,6 +146,11 @@ class Table:
             raise BackendUnavailableError(f"{self.op}: no {backend} backend (it has {', '.join(self.backends)})")
         return importlib.import_module(f"grit_kernels.{backend}.{self.op}")
 
+    def pick(self, device_type: str):
+        """(name, module) of the backend ``select`` picks for tensors on ``device_type``."""
+        name = select(self.op, device_type, self.backends)
+        return name, self[name]
+
     def select(self, device_type: str):
         """The module of the backend ``select`` picks for tensors on ``device_type``."""
-        return self[select(self.op, device_type, self.backends)]
+        return self.pick(device_type)[1]

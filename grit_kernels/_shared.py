@@ -20,6 +20,14 @@ NORM_EPS = 1e-12  # F.normalize's eps
 # ---------------------------------------------------------------------------------------
 
 
+def pool_layout(hidden, cu_seqlens) -> tuple[int, int, int, int]:
+    """(B rows, S padded length (0 when packed), D, T tokens) of mean_pool's hidden."""
+    if cu_seqlens is not None:
+        return cu_seqlens.numel() - 1, 0, hidden.shape[1], hidden.shape[0]
+    B, S, D = hidden.shape
+    return B, S, D, B * S
+
+
 def padded_weights(mask_BS: torch.Tensor, weighted: bool) -> torch.Tensor:
     """(B, S) fp32 token weights: 1 per pooled token, or its rank 1..n (GritLM's weightedmean).
 

@@ -63,7 +63,9 @@ def forward(x, w1, w2, w3, weights, experts, save: bool):
     gu = x.new_empty((order.numel(), 2 * Fh))
     y = x.new_empty((order.numel(), D))
     for e, rows in _expert_slices(offsets):
-        torch.matmul(xs[rows], torch.cat([w1[e], w3[e]]).T, out=gu[rows])
+        # Into the halves of gu directly: concatenating w1_e and w3_e would copy 2 F D weights per call.
+        gu[rows, :Fh] = xs[rows] @ w1[e].T
+        gu[rows, Fh:] = xs[rows] @ w3[e].T
     h = F.silu(gu[:, :Fh]) * gu[:, Fh:]
     for e, rows in _expert_slices(offsets):
         torch.matmul(h[rows], w2[e].T, out=y[rows])
@@ -115,7 +117,8 @@ def backward(grad_out, x, w1, w2, w3, weights, experts, sorted_ids, tile_expert,
     for e, rows in slices:
         dw1[e] = dg[rows].T @ xs[rows]
         dw3[e] = du[rows].T @ xs[rows]
-        torch.matmul(torch.cat([dg[rows], du[rows]], dim=1), torch.cat([w1[e], w3[e]]), out=dxs[rows])
+        torch.matmul(dg[rows], w1[e], out=dxs[rows])
+        dxs[rows].addmm_(du[rows], w3[e])
     dx = torch.zeros(T, D, dtype=acc).index_add_(0, tokens, dxs.to(acc))
     dweights = torch.empty(T * K, dtype=acc)
     dweights[order] = dweights_sorted

@@ -16,17 +16,9 @@ from .. import _backend, _shared
 from ._launch import DTYPE_CODES, ptr, sm_count, stream, vec_width
 
 
-def _layout(hidden, cu_seqlens):
-    """(B, S, D, T) as csrc wants them."""
-    if cu_seqlens is not None:
-        return cu_seqlens.numel() - 1, 0, hidden.shape[1], hidden.shape[0]
-    B, S, D = hidden.shape
-    return B, S, D, B * S
-
-
 def forward(hidden, mask, cu_seqlens, skip, normalize: bool, weighted: bool):
     C = _backend.C()
-    B, S, D, T = _layout(hidden, cu_seqlens)
+    B, S, D, T = _shared.pool_layout(hidden, cu_seqlens)
     weights = _shared.padded_weights(mask, weighted) if mask is not None else None
     f32 = dict(dtype=torch.float32, device=hidden.device)
     if B == 0 or hidden.numel() == 0:
@@ -56,7 +48,7 @@ def forward(hidden, mask, cu_seqlens, skip, normalize: bool, weighted: bool):
 
 def backward(grad_out, hidden, mask, cu_seqlens, skip, out, norm, den, normalize: bool, weighted: bool):
     C = _backend.C()
-    B, S, D, T = _layout(hidden, cu_seqlens)
+    B, S, D, T = _shared.pool_layout(hidden, cu_seqlens)
     if B == 0 or hidden.numel() == 0:
         return torch.zeros_like(hidden)  # see forward
     dy = _shared.grad_of_mean(grad_out, out, norm, normalize)

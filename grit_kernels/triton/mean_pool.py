@@ -136,16 +136,9 @@ def _blocks(D: int) -> tuple[int, int]:
     return block_s, block_d
 
 
-def _geometry(hidden, cu_seqlens):
-    if cu_seqlens is not None:
-        return cu_seqlens.numel() - 1, 1, hidden.shape[1], hidden.shape[0]
-    B, S, D = hidden.shape
-    return B, S, D, B * S
-
-
 def _launch_forward(hidden, weights, cu_seqlens, skip, normalize: bool, weighted: bool):
     """hidden (B, S, D) + weights (B, S) fp32, or (T, D) + cu_seqlens/skip -> (out, norm, den) fp32."""
-    B, S, D, _ = _geometry(hidden, cu_seqlens)
+    B, S, D, _ = _shared.pool_layout(hidden, cu_seqlens)
     packed = cu_seqlens is not None
     f32 = dict(dtype=torch.float32, device=hidden.device)
     out, norm, den = torch.empty((B, D), **f32), torch.empty((B,), **f32), torch.empty((B,), **f32)
@@ -169,7 +162,7 @@ def _launch_forward(hidden, weights, cu_seqlens, skip, normalize: bool, weighted
 
 def _launch_backward(hidden, weights, cu_seqlens, skip, dy, den, weighted: bool):
     """dy (B, D) fp32 gradient of the unnormalised mean -> d hidden (shape/dtype of hidden)."""
-    B, S, D, T = _geometry(hidden, cu_seqlens)
+    B, S, D, T = _shared.pool_layout(hidden, cu_seqlens)
     packed = cu_seqlens is not None
     if B == 0 or T == 0:
         return torch.zeros_like(hidden)
