@@ -131,7 +131,7 @@ def _rows_from_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             or attention_mask.shape[1] < input_ids.shape[1]:
         raise ValueError(f"attention_mask: expected shape (B, S) = {tuple(input_ids.shape)} (or with the "
                          f"prefix length added to S), got {tuple(attention_mask.shape)}")
-    mask = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:].bool()
+    mask = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:].bool().cpu()  # one host copy
     rows = []
     for b, (ids, m) in enumerate(zip(input_ids, mask)):
         n, first = int(m.sum()), int(m.int().argmax())
@@ -380,11 +380,9 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, generation
         raise ValueError(f"num_return_sequences: {cfg.num_return_sequences} exceeds num_beams = {beams}")
     if expand > 1:
         input_ids = input_ids.repeat_interleave(expand, dim=0)
-        rows = [r for r in rows for _ in range(expand)]
-        prefixes = [p for p in prefixes for _ in range(expand)]
     procs = _logits_processor(cfg, S, eos, device, logits_processor, prefix_allowed_tokens_fn)
     crit = _stopping_criteria(cfg, eos, device, stopping_criteria, tokenizer)
-    cache, last = _prefill(model, rows, prefixes, cfg.max_length - S, pad if pad is not None else 0)
+    cache, last = _prefill(model, rows, prefixes, cfg.max_length - S, pad if pad is not None else 0, expand)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     if beams > 1:
@@ -427,13 +425,20 @@ def _check_input_ids(model, input_ids) -> torch.Tensor:
     return input_ids.to(device=model.device, dtype=torch.long)
 
 
-def _prefill(model, rows, prefixes, max_new: int, pad: int):
-    """The prompts through the model into a new cache -> (cache, last hidden (R, D))."""
+def _prefill(model, rows, prefixes, max_new: int, pad: int, repeat: int = 1):
+    """The prompts through the model into a new cache -> (cache, last hidden (R, D)), each
+    prompt in ``repeat`` consecutive rows (beams, or sequences to return): R = len(rows) * repeat.
+    Each prompt is run once and its cache row copied (``KVCache.reorder``)."""
     device = model.device
-    R = len(rows)
     plens = [0 if p is None else p.length for p in prefixes]
+    if any(plens) and repeat > 1:  # the cached pass runs every cache row: expand the inputs
+        rows = [r for r in rows for _ in range(repeat)]
+        prefixes = [p for p in prefixes for _ in range(repeat)]
+        plens = [p for p in plens for _ in range(repeat)]
+        repeat = 1
+    R = len(rows)
     lens = [r.numel() for r in rows]
-    cache = model.new_cache(R, max(plens) + max(lens) + max_new)
+    cache = model.new_cache(R * repeat, max(plens) + max(lens) + max_new)
     if any(plens):
         # Each row starts from its prefix; the prompts, padded to the longest one, go through
         # the cached pass: padded queries write keys past the row's length, which the next
@@ -453,10 +458,15 @@ def _prefill(model, rows, prefixes, max_new: int, pad: int):
     tokens = torch.cat(rows)
     cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
     positions = packed_positions(cu, tokens.numel())
-    row_of = torch.repeat_interleave(torch.arange(R, device=device), torch.tensor(lens, device=device))
+    # Prompt b fills cache row b * repeat, the first of its group.
+    row_of = torch.repeat_interleave(torch.arange(R, device=device) * repeat, torch.tensor(lens, device=device))
     hidden = model(tokens, positions, cu_seqlens=cu, max_seqlen=max(lens), causal=True, cache=cache,
                    cache_rows=row_of, position_bound=max(lens)).hidden
-    return cache, hidden[cu[1:].long().to(hidden.device) - 1]
+    last = hidden[cu[1:].long().to(hidden.device) - 1]
+    if repeat > 1:
+        cache.reorder(torch.arange(R * repeat, device=device) // repeat * repeat)
+        last = last.repeat_interleave(repeat, dim=0)
+    return cache, last
 
 
 def _step(model, cache, tokens_R):
