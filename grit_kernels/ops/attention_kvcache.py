@@ -16,7 +16,6 @@ kernel), ``reference`` when forced. There is no csrc kernel for this op.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -116,60 +115,34 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_
     return _checks.check_mask_args(causal, window, softmax_scale)
 
 
-def _read_lengths(cache_seqlens: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 on the host (a device-to-host copy and sync for CUDA tensors)."""
-    return cache_seqlens.detach().to("cpu", torch.int64)
-
-
-# The CUDA cache_seqlens tensor last found valid, its version counter and the bounds it was
-# checked against. A decode step calls the op once per layer with the same, unmodified lengths:
-# only the first call pays the host sync. Any in-place change through autograd-visible ops
-# (``seqlens += 1``) bumps the version. Changes that bypass the counter (``.data``) can skip
-# this check, but not memory safety: the kernels clamp every read and write to the capacity.
-_last_checked: tuple | None = None
-
-
-def _memo_key(cache_seqlens: torch.Tensor, bounds: tuple[int, int]):
-    """Key under which a checked CUDA lengths tensor need not be read again, or None.
-
-    CPU tensors are always read (no sync to save, and a change through ``.numpy()`` must be
-    seen). Inference tensors (made under ``torch.inference_mode``) have no version counter,
-    so they are read on every call too."""
-    if not cache_seqlens.is_cuda or cache_seqlens.is_inference():
-        return None
-    return (weakref.ref(cache_seqlens), cache_seqlens._version, bounds)
-
-
 def _check_values(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
     """0 <= cache_seqlens[b] and cache_seqlens[b] + Sq_new <= S_max, before anything is written.
 
-    Reads the (B,) int32 values on the host: free for CPU tensors, one device-to-host copy
-    and stream sync on CUDA, paid once per decode step rather than once per layer (see
-    ``_memo_key``). Skipped under fake tensors and during CUDA graph capture, where values
-    cannot be read; the kernels never read or write past S_max whatever the lengths say.
+    Reads the (B,) int32 values on the host through ``_checks.read_once``: every call for CPU
+    tensors (no sync to save, and a change through ``.numpy()`` must be seen), once per
+    unchanged CUDA tensor (the other layers of a decode step pay no sync; ``seqlens += 1``
+    bumps the version and re-reads). Skipped under fake tensors and during CUDA graph
+    capture, where values cannot be read. Changes that bypass the version counter
+    (``.data``) can skip this check, but not memory safety: the kernels clamp every read and
+    write to the capacity.
     """
-    global _last_checked
     if cache_seqlens.numel() == 0 or _checks._is_fake(cache_seqlens):
         return
-    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    key = _memo_key(cache_seqlens, (S_max, Sq_new))
-    if key is not None and _last_checked is not None:
-        ref_, version, bounds = _last_checked
-        if ref_() is cache_seqlens and (version, bounds) == key[1:]:
-            return
-    values = _read_lengths(cache_seqlens)
-    if bool((values < 0).any()):
-        raise ValueError(f"cache_seqlens: expected non-negative lengths, got {values.tolist()[:16]}")
-    too_long = values + Sq_new > S_max
-    if bool(too_long.any()):
-        b = int(too_long.nonzero()[0, 0])
-        what = f"cache_seqlens[{b}] = {int(values[b])}"
-        if Sq_new:
-            what = f"cache_seqlens[{b}] + Sq = {int(values[b])} + {Sq_new}"
-        raise ValueError(f"cache_seqlens: {what} exceeds the cache capacity S_max = {S_max} (k_cache too small)")
-    if key is not None:
-        _last_checked = key
+
+    def check() -> bool:
+        values = cache_seqlens.detach().to("cpu", torch.int64)
+        if bool((values < 0).any()):
+            raise ValueError(f"cache_seqlens: expected non-negative lengths, got {values.tolist()[:16]}")
+        too_long = values + Sq_new > S_max
+        if bool(too_long.any()):
+            b = int(too_long.nonzero()[0, 0])
+            what = f"cache_seqlens[{b}] = {int(values[b])}"
+            if Sq_new:
+                what = f"cache_seqlens[{b}] + Sq = {int(values[b])} + {Sq_new}"
+            raise ValueError(f"cache_seqlens: {what} exceeds the cache capacity S_max = {S_max} (k_cache too small)")
+        return True
+
+    _checks.read_once(cache_seqlens, ("cache_seqlens", S_max, Sq_new), check)
 
 
 # ---------------------------------------------------------------------------------------
