@@ -7,11 +7,20 @@ House style (all kernel files):
 * Dots take ``PREC: tl.constexpr`` as ``input_precision``: "ieee" for fp32 inputs (fp32 stays
   fp32, the tests' dtype), "tf32" otherwise (ignored by fp16/bf16 dots). ``precision()``
   picks it on the host.
+* Ints that change from call to call (lengths, counts, window sizes, autotune keys) are
+  listed in ``do_not_specialize``: Triton would otherwise compile a new variant whenever one
+  of them becomes 1 or a multiple of 16 (a new sequence length in a test or a decode step).
+  (Strides that are lengths, as the padded lse's, count as lengths.)
+  Other strides, head dims and widths stay specialised: their divisibility is what makes the
+  loads vector loads, and they change only with the model.
 * Softmax is computed in base 2: scores are scaled by ``softmax_scale * LOG2E`` once and
   exponentiated with exp2; a natural-log lse is ``log2-sum * LN2``.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -19,6 +28,45 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)    # ln(2): ln(x) = log2(x) * LN2
+
+
+SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (H100/H200): 227 KiB
+
+
+# Set by bench/compile_plan.py, which drives the launchers with CPU tensors to record the
+# kernels a GPU run will compile: the launchers then take their GPU branch (tile sizes, split
+# counts) as on a device with this many SMs (132: H100 SXM, H200).
+PLANNED_SMS: int | None = None
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    """Whether launches for ``t`` are compiled for a GPU (its device, or a planned run)."""
+    return t.device.type == "cuda" or PLANNED_SMS is not None
+
+
+def sm_count(device: torch.device) -> int:
+    if PLANNED_SMS is not None:
+        return PLANNED_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def autotune_enabled() -> bool:
+    """GRIT_AUTOTUNE=0: every autotuned kernel runs the first config of its list (one compile
+    per specialisation instead of one per config, and no benchmarking: GPU test runs)."""
+    return os.environ.get("GRIT_AUTOTUNE", "1") not in ("0", "")
+
+
+def kv_tiles_fit(block_m: int, block_n: int, block_d: int, stages: int, elem_bytes: int) -> bool:
+    """Whether a K/V-streaming config fits shared memory: the pipeliner keeps ``stages - 1``
+    K and V tiles in flight next to the Q tile (checked against ptxas' numbers by the sm_90
+    compile tests). Configs that do not fit are dropped before anything is compiled."""
+    kv = max(stages - 1, 1) * 2 * block_n * block_d * elem_bytes
+    return kv + block_m * block_d * elem_bytes <= SHARED_BYTES
 
 
 def precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:

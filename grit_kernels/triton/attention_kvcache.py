@@ -42,10 +42,11 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from ._common import LOG2E, key_range, precision, softmax_step, splat, window_mask
+from ._common import (LOG2E, autotune_enabled, key_range, kv_tiles_fit, on_gpu, precision, sm_count, softmax_step,
+                      splat, window_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sq", "S_max"])
 def _append_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr,
     Sq, Hkv, D, S_max,
@@ -71,7 +72,7 @@ def _append_kv_kernel(
     tl.store(vc_ptr + b * stride_vcb + pos * stride_vcs + hh * stride_vch + d[None, :], vx, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "Sq_new", "S_max", "NUM_SPLITS", "window_left", "window_right", "TUNE_KEY"])
 def _attn_kernel(
     q_ptr, kc_ptr, vc_ptr, seqlens_ptr, out_ptr, opart_ptr, lse_ptr,
     stride_qb, stride_qs, stride_qh,
@@ -160,7 +161,7 @@ def _attn_kernel(
         tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "M", "NUM_SPLITS"])
 def _combine_kernel(
     opart_ptr, lse_ptr, out_ptr,
     stride_ob, stride_os, stride_oh,
@@ -232,34 +233,47 @@ _INTERPRET_BLOCK_N = 16
 
 
 def _decode_configs():
-    """Few rows (M = Sq * G <= 64, BLOCK_M set by the launcher): memory-bound, tune the KV tile."""
+    """Few rows (M = Sq * G <= 64, BLOCK_M set by the launcher): memory-bound, tune the KV tile.
+    The first is the pinned choice under GRIT_AUTOTUNE=0."""
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-            for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+            for n in (64, 32, 128) for w in (4, 8) for st in (3, 2, 4)]
 
 
 def _prefill_configs():
     """Many rows (prefill over a cache): compute-bound, tune the row block too."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m in (64, 128) for n in (32, 64) for w in (4, 8) for st in (2, 3)]
+            for m in (64, 128) for n in (64, 32) for w in (4, 8) for st in (2, 3)]
+
+
+def _fitting(configs, named_args, **meta):
+    """Early prune: drop the configs whose K/V tiles cannot fit shared memory (fp32 at large
+    tiles and deep pipelines) before any is compiled."""
+    elem = named_args["kc_ptr"].element_size()
+    block_d = meta.get("BLOCK_D", named_args.get("BLOCK_D"))
+    out = [c for c in configs
+           if kv_tiles_fit(c.kwargs.get("BLOCK_M", meta.get("BLOCK_M", 64)), c.kwargs["BLOCK_N"], block_d,
+                           c.num_stages, elem)]
+    return out or configs[-1:]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_attn_kernel(prefill: bool):
+def _tuned_attn_kernel(prefill: bool, autotune: bool):
     """The attention kernel under triton.autotune, built on first GPU use (nothing at import).
 
     Safe to replay: the kernel writes only out/opart/lse, never the caches.
     TUNE_KEY buckets (rows, splits, head dim, log2 of the cache capacity), so a new decode
     length does not re-tune; the mask mode, GQA group and precision are keys of their own (a
     window or a causal mask changes which tiles are loaded, so its best tile may differ).
+    With ``autotune`` off, the first config that fits (no benchmarking, one compile).
     """
     configs = _prefill_configs() if prefill else _decode_configs()
     keys = ["TUNE_KEY", "GROUP", "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "PREC"]
-    return triton.autotune(configs=configs, key=keys)(_attn_kernel)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    if autotune:
+        prune = _fitting
+    else:
+        def prune(configs, named_args, **meta):
+            return _fitting(configs, named_args, **meta)[:1]
+    return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": prune})(_attn_kernel)
 
 
 def num_splits_for(batch_heads: int, m_blocks: int, s_max: int, sms: int, min_keys: int = 128) -> int:
@@ -296,12 +310,12 @@ def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, 
     # for the split heuristic; on a GPU the autotuner picks 64 or 128.
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     m_blocks = triton.cdiv(M, block_m)
-    interpret = _backend.triton_interpret() or not q.is_cuda
+    interpret = _backend.triton_interpret() or not on_gpu(q)
     if num_splits is None:
         if interpret:  # pretend to be a small GPU so that CPU tests split small caches too
             num_splits = num_splits_for(B * Hkv, m_blocks, S_max, sms=16, min_keys=16)
         else:
-            num_splits = num_splits_for(B * Hkv, m_blocks, S_max, _sm_count(q.device.index or 0))
+            num_splits = num_splits_for(B * Hkv, m_blocks, S_max, sm_count(q.device))
     split = num_splits > 1
     block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
     left, right = window
@@ -337,7 +351,7 @@ def attention(q, k_cache, v_cache, cache_seqlens, Sq_new: int, *, causal: bool, 
         else:
             grid = (m_blocks * B * Hkv, num_splits)
             meta["BLOCK_M"] = block_m
-        _tuned_attn_kernel(prefill)[grid](*args, tune_key, **meta)
+        _tuned_attn_kernel(prefill, autotune_enabled())[grid](*args, tune_key, **meta)
     if split:
         block_s = triton.next_power_of_2(num_splits)
         _combine_kernel[(R,)](

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import precision
+from ._common import on_gpu, precision, sm_count
 
 NORM_EPS = 1e-12
 # Largest H group written by the backward (bytes). B = N / 2 = 8192 bf16 fits in one
@@ -87,7 +87,7 @@ def _logit_tile(q_ptr, d_ptr, rows, cols, row_ok, col_ok, D,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "cols_per_split"])
 def _fwd_kernel(
     q_ptr, d_ptr, a_ptr, b_ptr, tgt_ptr, m_ptr, z_ptr, t_ptr,
     B, N, D, cols_per_split,
@@ -124,7 +124,7 @@ def _fwd_kernel(
     tl.store(t_ptr + out, t, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "c0", "nc"])
 def _bwd_grad_logits_kernel(
     q_ptr, d_ptr, a_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, h_ptr,
     B, N, D, c0, nc,
@@ -191,7 +191,7 @@ def _project_kernel(g_ptr, x_ptr, inv_ptr, scale_ptr, out_ptr, D, eps,
 def _config(x: torch.Tensor) -> dict:
     """Tile sizes and launch options. The interpreter runs numpy per block, so small tiles
     there keep CPU tests quick while still crossing tile, split and group boundaries."""
-    if x.device.type != "cuda":
+    if not on_gpu(x):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     if x.dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
@@ -200,7 +200,7 @@ def _config(x: torch.Tensor) -> dict:
 
 def _input_precision(x: torch.Tensor) -> str:
     """fp32 inputs follow torch.matmul's rule (TF32 only when the user allowed it)."""
-    return precision(x.dtype, x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    return precision(x.dtype, on_gpu(x) and torch.backends.cuda.matmul.allow_tf32)
 
 
 def row_scales(x: torch.Tensor, scale: float, normalize: bool, write_hat: bool = False):
@@ -215,11 +215,11 @@ def row_scales(x: torch.Tensor, scale: float, normalize: bool, write_hat: bool =
     return inv, hat
 
 
-def _splits(B: int, N: int, cfg: dict, device: torch.device) -> tuple[int, int]:
+def _splits(B: int, N: int, cfg: dict, q: torch.Tensor) -> tuple[int, int]:
     """(number of column splits, columns per split, a multiple of BLOCK_N)."""
     tiles = triton.cdiv(N, cfg["BLOCK_N"])
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if on_gpu(q):
+        sms = sm_count(q.device)
         want = triton.cdiv(2 * sms, triton.cdiv(B, cfg["BLOCK_M"]))
     else:
         want = 2
@@ -238,7 +238,7 @@ def forward(q, d, targets, temperature: float, normalize: bool):
     a, _ = row_scales(q, 1.0 / temperature, normalize)
     b, _ = row_scales(d, 1.0, normalize)
     cfg = _config(q)
-    n_splits, cols_per_split = _splits(B, N, cfg, q.device)
+    n_splits, cols_per_split = _splits(B, N, cfg, q)
     f32 = dict(dtype=torch.float32, device=q.device)
     m, z, t = (torch.empty((n_splits, B), **f32) for _ in range(3))
     grid = (triton.cdiv(B, cfg["BLOCK_M"]), n_splits)

@@ -64,7 +64,7 @@ def _token_weights(b, s, start, length, first, S, w_ptr, PACKED: tl.constexpr, W
     return w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _mean_pool_fwd_kernel(
     h_ptr, w_ptr, cu_ptr, skip_ptr, out_ptr, norm_ptr, den_ptr,
     S, D,
@@ -98,7 +98,7 @@ def _mean_pool_fwd_kernel(
         tl.store(den_ptr + b, total)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "S", "T"])
 def _mean_pool_bwd_kernel(
     h_ptr, w_ptr, cu_ptr, skip_ptr, dy_ptr, den_ptr, dh_ptr,
     B, S, D, T,

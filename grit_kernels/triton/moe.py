@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .. import _shared
+from ._common import on_gpu
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def _tile_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK", "n_tiles"])
 def _gate_up_kernel(
     x_ptr, w1_ptr, w3_ptr, sorted_ptr, tile_expert_ptr, gu_ptr, h_ptr,
     TK, D, F, n_tiles,
@@ -163,7 +164,7 @@ def _gate_up_kernel(
         tl.store(gu_ptr + out_rows * (2 * F) + F + cols[None, :], acc_u.to(gu_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK", "n_tiles"])
 def _down_kernel(
     h_ptr, w2_ptr, sorted_ptr, tile_expert_ptr, rw_ptr, y_ptr,
     TK, D, F, n_tiles,
@@ -195,7 +196,7 @@ def _down_kernel(
              mask=valid[:, None] & col_ok[None, :])                  # scatter to slot order
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK", "n_tiles", "M"])
 def _down_bwd_kernel(
     dout_ptr, w2_ptr, gu_ptr, sorted_ptr, tile_expert_ptr, rw_ptr, dgu_ptr, dwp_ptr,
     TK, D, F, n_tiles, M,
@@ -239,7 +240,7 @@ def _down_bwd_kernel(
     tl.store(dgu_ptr + r64 * (2 * F) + F + cols[None, :], du.to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK", "n_tiles"])
 def _dx_kernel(
     dgu_ptr, w1_ptr, w3_ptr, sorted_ptr, tile_expert_ptr, dxs_ptr,
     TK, D, F, n_tiles,
@@ -274,7 +275,7 @@ def _dx_kernel(
     tl.store(dxs_ptr + slot.to(tl.int64)[:, None] * D + cols[None, :], acc, mask=valid[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TK"])
 def _dw_kernel(
     a_ptr, b_ptr, sorted_ptr, offsets_ptr, rw_ptr, out_ptr,
     TK, I, J, a_stride, b_stride, a_col0,
@@ -439,7 +440,7 @@ route = _shared.route
 def _plan_for(x, w1, K: int) -> Config:
     T, D = x.shape
     E, F, _ = w1.shape
-    return plan(T * K, E, D, F, x.dtype, x.device.type == "cuda")
+    return plan(T * K, E, D, F, x.dtype, on_gpu(x))
 
 
 def saved_like(x, w1, experts, save: bool):
