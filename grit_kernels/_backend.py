@@ -65,6 +65,16 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def planning() -> bool:
+    """Whether bench/compile_plan.py is recording a GPU run's launches (CPU tensors stand in
+    for the device's; see grit_kernels.triton._common.PLANNED_SMS)."""
+    if not has_triton():
+        return False
+    from .triton import _common
+
+    return _common.PLANNED_SMS is not None
+
+
 def forced() -> str | None:
     """The backend forced by ``GRIT_BACKEND``, or None. Invalid values are an error."""
     value = os.environ.get("GRIT_BACKEND", "").strip().lower()
@@ -86,7 +96,7 @@ def _unavailable_reason(backend: str, device_type: str, supported: tuple[str, ..
     elif backend == "triton":
         if not has_triton():
             return "triton is not installed"
-        if device_type == "cpu" and not triton_interpret():
+        if device_type == "cpu" and not triton_interpret() and not planning():
             return "the triton backend runs CPU tensors only under TRITON_INTERPRET=1"
         if device_type not in ("cuda", "cpu"):
             return f"the triton backend runs CUDA tensors, got {device_type}"
