@@ -72,6 +72,13 @@ def _sdpa(backend):
 def _flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Every case is a new static shape / mask of the one flex_attention code object: past
+    # dynamo's recompile limit (8) later cases would silently run eager, an unfair baseline.
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     return torch.compile(flex_attention, dynamic=False)
 
 
