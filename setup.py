@@ -131,6 +131,8 @@ setup(
             "scipy>=1.10",         # gritlm's README example (cosine similarity)
             "pandas>=2.0",         # encode() of a pandas Series
             "mteb>=2.0",           # tests/test_mteb.py: GritMTEB against mteb's gritlm-based wrapper
+            # The compiler whose sm_90 register/spill numbers tests/aot_sm90.json records.
+            "triton==3.9.0; platform_system == 'Linux'",
         ],
         # gritlm (a baseline and test oracle) is installed separately with --no-deps: its
         # declared extras (mteb, datasets, wandb, accelerate) are not needed to import it.
