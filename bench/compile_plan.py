@@ -278,14 +278,12 @@ def plan(which: str = "all") -> list[dict]:
     seen: set = set()
     out = []
     for phase, ops in phases().items():
-        if which not in ("all", phase):
-            continue
         for op, cases in ops.items():
             specs = record(cases, autotune=phase != "tests")
             new = [s for s in specs if s not in seen]
             seen.update(new)
             out.append(dict(phase=phase, op=op, launched=len(specs), new=new))
-    return out
+    return [e for e in out if which in ("all", e["phase"])]
 
 
 def _compile_one(spec: tuple[str, str, str]) -> tuple[str, float, dict]:
