@@ -7,6 +7,7 @@ reports the median of both and their ratio. Suites are listed in ``bench/__main_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -85,18 +86,26 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def env(**values):
+    """Environment variables set (str of each value) within, restored afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def with_backend(backend: str, fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` run with GRIT_BACKEND forced to ``backend`` (restored afterwards)."""
     def call():
-        old = os.environ.get("GRIT_BACKEND")
-        os.environ["GRIT_BACKEND"] = backend
-        try:
+        with env(GRIT_BACKEND=backend):
             return fn()
-        finally:
-            if old is None:
-                del os.environ["GRIT_BACKEND"]
-            else:
-                os.environ["GRIT_BACKEND"] = old
     return call
 
 

@@ -40,6 +40,8 @@ if os.environ["TRITON_INTERPRET"] not in ("", "0"):
 
 import torch  # noqa: E402
 
+from .common import env  # noqa: E402
+
 SM90_SMS = 132  # H100 SXM and H200
 
 
@@ -64,10 +66,6 @@ class _PlanDriver:
         return torch.device("cpu")
 
 
-def _use_plan_driver() -> None:
-    from triton.runtime import driver
-
-    driver.set_active(_PlanDriver())
 
 
 @contextlib.contextmanager
@@ -92,32 +90,22 @@ def recording():
             self.fn.run(*args, **kwargs, **config.all_kwargs())
         self.nargs = None
 
-    saved = knobs.runtime.jit_cache_hook, Autotuner.run, _common.PLANNED_SMS
-    _use_plan_driver()
+    from triton.runtime import driver
+
+    # driver._active, not .active: reading .active creates the default driver, which fails
+    # on a machine without a GPU; None restores "create it when first needed".
+    saved = knobs.runtime.jit_cache_hook, Autotuner.run, _common.PLANNED_SMS, driver._active
+    driver.set_active(_PlanDriver())
     knobs.runtime.jit_cache_hook, Autotuner.run, _common.PLANNED_SMS = hook, every_config, SM90_SMS
     try:
         yield specs
     finally:
-        knobs.runtime.jit_cache_hook, Autotuner.run, _common.PLANNED_SMS = saved
+        knobs.runtime.jit_cache_hook, Autotuner.run, _common.PLANNED_SMS, driver._active = saved
 
 
 # ---------------------------------------------------------------------------------------
 # shape families (small tensors: the ints that change with the size are not specialised)
 # ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _attention(dtype, causal, window, Hq, Hkv, D, packed=False, Sq=64, Sk=None, backward=True):
@@ -237,7 +225,7 @@ def _cases_tests():
 
 
 def _with_autotune(fn):
-    with _env(GRIT_AUTOTUNE=1):
+    with env(GRIT_AUTOTUNE=1):
         fn()
 
 
@@ -266,7 +254,7 @@ def phases() -> dict[str, dict[str, list]]:
 
 def record(cases: list[Callable[[], None]], autotune: bool) -> list[tuple[str, str, str]]:
     """The distinct specialisations these calls launch, in first-launch order."""
-    with _env(GRIT_BACKEND="triton", GRIT_AUTOTUNE=int(autotune)), recording() as specs:
+    with env(GRIT_BACKEND="triton", GRIT_AUTOTUNE=int(autotune)), recording() as specs:
         for case in cases:
             case()
     return list(specs)
@@ -286,12 +274,14 @@ def plan(which: str = "all") -> list[dict]:
     return [e for e in out if which in ("all", e["phase"])]
 
 
-def _compile_one(spec: tuple[str, str, str]) -> tuple[str, float, dict]:
-    """Worker: compile one specialisation into Triton's cache; -> (kernel, seconds, resources)."""
+def _compile_one(spec: tuple[str, str, str]) -> float:
+    """Worker: compile one specialisation into Triton's cache; -> seconds it took."""
     module, name, data = spec
     on_device = torch.cuda.is_available()
     if not on_device:
-        _use_plan_driver()
+        from triton.runtime import driver
+
+        driver.set_active(_PlanDriver())
     fn = getattr(importlib.import_module(module), name)
     t0 = time.perf_counter()
     k = fn.preload(data)
@@ -299,9 +289,7 @@ def _compile_one(spec: tuple[str, str, str]) -> tuple[str, float, dict]:
         # Load it and build its launcher too: triton 3.6 compiles a C launcher per signature
         # with the host compiler at first launch (also cached in TRITON_CACHE_DIR).
         k._init_handles()
-    meta = k.metadata
-    return name, time.perf_counter() - t0, dict(shared=meta.shared, num_warps=meta.num_warps,
-                                                 num_stages=meta.num_stages)
+    return time.perf_counter() - t0
 
 
 def compile_all(entries: list[dict], workers: int, out_path: str | None = None) -> list[dict]:
@@ -314,10 +302,10 @@ def compile_all(entries: list[dict], workers: int, out_path: str | None = None) 
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for e in entries:
             t0 = time.perf_counter()
-            results = list(pool.map(_compile_one, e["new"]))
+            seconds = list(pool.map(_compile_one, e["new"]))
             row = dict(phase=e["phase"], op=e["op"], launched=e["launched"], compiled=len(e["new"]),
-                       cpu_s=round(sum(r[1] for r in results), 2), wall_s=round(time.perf_counter() - t0, 2),
-                       workers=workers, slowest_s=round(max((r[1] for r in results), default=0.0), 2))
+                       cpu_s=round(sum(seconds), 2), wall_s=round(time.perf_counter() - t0, 2),
+                       workers=workers, slowest_s=round(max(seconds, default=0.0), 2))
             summaries.append(row)
             _emit(row, out_path)
     return summaries

@@ -65,9 +65,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def planning() -> bool:
-    """Whether bench/compile_plan.py is recording a GPU run's launches (CPU tensors stand in
-    for the device's; see grit_kernels.triton._common.PLANNED_SMS)."""
+def triton_runs_on_cpu() -> bool:
+    """Whether Triton launches may take CPU tensors: under the interpreter, or while
+    bench/compile_plan.py records a GPU run's launches (CPU tensors stand in for the
+    device's, nothing runs; grit_kernels.triton._common.PLANNED_SMS)."""
+    if triton_interpret():
+        return True
     if not has_triton():
         return False
     from .triton import _common
@@ -96,7 +99,7 @@ def _unavailable_reason(backend: str, device_type: str, supported: tuple[str, ..
     elif backend == "triton":
         if not has_triton():
             return "triton is not installed"
-        if device_type == "cpu" and not triton_interpret() and not planning():
+        if device_type == "cpu" and not triton_runs_on_cpu():
             return "the triton backend runs CPU tensors only under TRITON_INTERPRET=1"
         if device_type not in ("cuda", "cpu"):
             return f"the triton backend runs CUDA tensors, got {device_type}"

@@ -175,8 +175,7 @@ def _aux_loss(layers, stacked: bool, top_k: int, mask, E: int) -> torch.Tensor:
 def _select(device_type: str):
     """The backend module; triton and cuda run their Triton GEMMs on CPU only when interpreted."""
     backend, impl = BACKENDS.pick(device_type)
-    if backend in ("triton", "cuda") and device_type == "cpu" and not (_backend.triton_interpret()
-                                                                       or _backend.planning()):
+    if backend in ("triton", "cuda") and device_type == "cpu" and not _backend.triton_runs_on_cpu():
         raise _backend.BackendUnavailableError(
             f"moe: GRIT_BACKEND={backend} on CPU tensors needs TRITON_INTERPRET=1 (the expert GEMMs are Triton)")
     return impl

@@ -245,15 +245,14 @@ def _prefill_configs():
             for m in (64, 128) for n in (64, 32) for w in (4, 8) for st in (2, 3)]
 
 
-def _fitting(configs, named_args, **meta):
+def _fitting(configs, named_args, *, first_only: bool, **meta):
     """Early prune: drop the configs whose K/V tiles cannot fit shared memory (fp32 at large
-    tiles and deep pipelines) before any is compiled."""
+    tiles and deep pipelines) before any is compiled; ``first_only``: keep the first of them."""
     elem = named_args["kc_ptr"].element_size()
-    block_d = meta.get("BLOCK_D", named_args.get("BLOCK_D"))
-    out = [c for c in configs
-           if kv_tiles_fit(c.kwargs.get("BLOCK_M", meta.get("BLOCK_M", 64)), c.kwargs["BLOCK_N"], block_d,
+    fit = [c for c in configs
+           if kv_tiles_fit(c.kwargs.get("BLOCK_M", meta.get("BLOCK_M")), c.kwargs["BLOCK_N"], meta["BLOCK_D"],
                            c.num_stages, elem)]
-    return out or configs[-1:]
+    return fit[:1] if first_only else fit
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,11 +267,7 @@ def _tuned_attn_kernel(prefill: bool, autotune: bool):
     """
     configs = _prefill_configs() if prefill else _decode_configs()
     keys = ["TUNE_KEY", "GROUP", "CAUSAL", "HAS_LEFT", "HAS_RIGHT", "PREC"]
-    if autotune:
-        prune = _fitting
-    else:
-        def prune(configs, named_args, **meta):
-            return _fitting(configs, named_args, **meta)[:1]
+    prune = functools.partial(_fitting, first_only=not autotune)
     return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": prune})(_attn_kernel)
 
 
