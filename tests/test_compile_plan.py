@@ -81,3 +81,37 @@ def test_compile_fills_the_triton_cache_for_sm90(tmp_path):
     assert len(cubins) >= 2
     meta = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("*.json") if not p.name.startswith("__")]
     assert {m["target"]["arch"] for m in meta if "target" in m} == {90}
+
+
+LAUNCH_AFTER_WARM = r"""
+import json, os, torch
+from bench import compile_plan as cp
+from triton import knobs
+from triton.runtime import driver
+from grit_kernels.triton import _common
+case = lambda: cp._mean_pool(torch.bfloat16, 2, 8, 4096, True, True)
+cp.compile_all([dict(phase="t", op="mean_pool", launched=0, new=cp.record([case], autotune=False))], workers=1)
+cache = os.environ["TRITON_CACHE_DIR"]
+before = sorted(os.listdir(cache))
+# Now the launch itself, as a run would make it: Triton's own path, no recording hook.
+compiled = []
+knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(kw["fn"].name)
+driver.set_active(cp._PlanDriver())
+_common.PLANNED_SMS = cp.SM90_SMS
+os.environ["GRIT_BACKEND"] = "triton"
+try:
+    case()
+    error = None
+except Exception as e:  # the stand-in driver cannot load the cubin: past the compile step
+    error = type(e).__name__
+print(json.dumps(dict(compiled=compiled, new=sorted(set(os.listdir(cache)) - set(before)), error=error)))
+"""
+
+
+def test_a_launch_after_the_warm_up_finds_its_kernel_in_the_cache(tmp_path):
+    """The run's own launch reaches Triton's compile step and finds the warmed cubin: no new
+    cache entry (the key a launch computes is the key the warm-up filled)."""
+    out = _run(LAUNCH_AFTER_WARM, tmp_path)
+    assert out["compiled"] == ["_mean_pool_fwd_kernel"], out
+    assert out["new"] == [], out
+    assert out["error"] is not None  # nothing can be launched without a GPU
