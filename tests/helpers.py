@@ -118,7 +118,7 @@ def _resources(k):
     return dict(registers=num(r"Used (\d+) registers"), stack=num(r"(\d+) bytes stack frame"),
                 spill_stores=num(r"(\d+) bytes spill stores"), spill_loads=num(r"(\d+) bytes spill loads"))
 
-H100_SHARED = 232448  # bytes of shared memory one block may use
+from grit_kernels.triton._common import SHARED_BYTES as H100_SHARED  # what one block may use
 
 def compile_launch(fn, args, constexprs, warps=4, stages=3):
     """Compile fn as a launch with these argument values would specialise it (triton 3.9's rules):
