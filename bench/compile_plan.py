@@ -202,7 +202,7 @@ def _cases_tests():
         # test_gpu_kernel_clamps_lengths_to_the_capacity (num_splits 1 and split)
         *(lambda B=B, S=S: _kvcache(bf16, 128, 1, B=B, S_max=S) for B, S in ((1, 32768), (16, 4096), (64, 1024))),
         lambda: (_kvcache(bf16, 128, 500, B=2, S_max=1024), _kvcache(bf16, 128, 1, B=2, S_max=1024)),
-        lambda: _kvcache(fp16, 128, 1, B=2, Hq=8, Hkv=2, S_max=256),
+        lambda: _with_autotune(lambda: _kvcache(fp16, 128, 1, B=2, Hq=8, Hkv=2, S_max=256)),
     ]
     c["mean_pool"] = [
         *(lambda a=(dt, B, S, D, n, w): _mean_pool(*a)

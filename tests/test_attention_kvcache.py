@@ -575,7 +575,9 @@ def test_gpu_prefill_then_decode(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_opcheck_and_compile(monkeypatch):
+    """Also the one kv-cache GPU test that runs the autotuner (the others pin one config)."""
     monkeypatch.setenv("GRIT_BACKEND", "triton")
+    monkeypatch.setenv("GRIT_AUTOTUNE", "1")
     B, S_max, Hq, Hkv, D = 2, 256, 8, 2, 128
     seqlens = torch.tensor([3, 200], dtype=torch.int32, device="cuda")
     q, k, v = (rand(B, 1, h, D, dtype=torch.float16, device="cuda") for h in (Hq, Hkv, Hkv))
