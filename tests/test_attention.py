@@ -150,6 +150,29 @@ def test_strided_inputs_from_a_fused_qkv(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_batches_past_the_grid_limit_launch_in_slices(backend, packed, monkeypatch):
+    """Grid dimension z (the batch) holds 65535 programs: longer batches go in slices. With
+    the limit set to 2, five sequences take three launches of each kernel, none wider than 2,
+    and every output and gradient still equals the oracles'."""
+    from grit_kernels.triton import attention as tri
+
+    monkeypatch.setattr(tri, "MAX_GRID_BATCH", 2)
+    widths, launch = [], tri._launch
+    def spy(which, kernel, fixed, grid_of, args, **constexprs):
+        widths.append((which, grid_of(fixed)[2]))
+        return launch(which, kernel, fixed, grid_of, args, **constexprs)
+    monkeypatch.setattr(tri, "_launch", spy)
+    if packed:
+        q, k, v, cu = _packed_inputs([7, 1, 12, 5, 9], [3, 8, 12, 6, 9], 4, 2, 32)
+        check_attention(q, k, v, causal=True, **cu)
+    else:
+        q, k, v = _padded_inputs(5, 11, 13, 4, 2, 32)
+        check_attention(q, k, v, window=(4, 2))
+    assert sorted(widths) == sorted([(w, n) for w in ("fwd", "dkdv", "dq") for n in (2, 2, 1)])
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_fp16_interpreter(backend, causal):
     q, k, v = _padded_inputs(1, 50, 50, 4, 1, 64, dtype=torch.float16)

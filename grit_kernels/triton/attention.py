@@ -519,6 +519,24 @@ def _flags(q, causal, window):
     return dict(HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PREC=precision(q.dtype)), max(left, 0), max(right, 0)
 
 
+# Grid dimension z (the batch) holds at most 65535 programs: longer batches are launched in
+# slices of this many sequences (padded tensors are sliced on dim 0, packed ones keep their
+# rows and pass the slice of cu_seqlens, whose offsets are absolute).
+MAX_GRID_BATCH = 65535
+
+
+def _batch_slices(B: int, packed: bool, cu_q, cu_k, dummy):
+    """-> [(view of a padded tensor for the slice, (cu_q, cu_k) args, sequences)] over B."""
+    out = []
+    for b0 in range(0, B, MAX_GRID_BATCH):
+        n = min(MAX_GRID_BATCH, B - b0)
+        if packed:
+            out.append((lambda t: t, (cu_q[b0:b0 + n + 1], cu_k[b0:b0 + n + 1]), n))
+        else:
+            out.append((lambda t, b0=b0, n=n: t[b0:b0 + n], (dummy, dummy), n))
+    return out
+
+
 def forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, window, scale: float):
     """-> (out (q's shape, contiguous, q's dtype), lse fp32 (B, Hq, Sq) or (Hq, Tq))."""
     packed, B, Sq, Sk, (slb, slh) = _geometry(q, k, cu_q, max_q, max_k)
@@ -530,14 +548,15 @@ def forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, window, s
     if B == 0 or Sq == 0 or Hq == 0:
         return out, lse
     flags, left, right = _flags(q, causal, window)
-    dummy = lse  # stands in for cu_seqlens in the padded layout
-    args = (q, k, v, out, lse, cu_q if packed else dummy, cu_k if packed else dummy,
-            *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(out, packed),
-            slb, slh, Sq, Sk, Hq // Hkv, D, scale * LOG2E.value, left, right,
-            triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
-    _launch("fwd", _attn_fwd_kernel, _INTERPRET_FWD,
-            lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), Hq, B), args,
-            PACKED=packed, BLOCK_D=max(16, triton.next_power_of_2(D)), **flags)
+    # lse stands in for cu_seqlens in the padded layout
+    for part, (cq, ck), n in _batch_slices(B, packed, cu_q, cu_k, lse):
+        args = (part(q), part(k), part(v), part(out), part(lse), cq, ck,
+                *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(out, packed),
+                slb, slh, Sq, Sk, Hq // Hkv, D, scale * LOG2E.value, left, right,
+                triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
+        _launch("fwd", _attn_fwd_kernel, _INTERPRET_FWD,
+                lambda meta, n=n: (triton.cdiv(Sq, meta["BLOCK_M"]), Hq, n), args,
+                PACKED=packed, BLOCK_D=max(16, triton.next_power_of_2(D)), **flags)
     return out, lse
 
 
@@ -552,6 +571,36 @@ def backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, 
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if B == 0 or Hq == 0 or (Sq == 0 and Sk == 0):
         return dq, dk, dv
+    if Sq == 0:  # keys nobody looked at
+        return dq, dk.zero_(), dv.zero_()
+    flags, left, right = _flags(q, causal, window)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    block_m = 64 if not _interpret() else 32
+    keys = (triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
+    common = (Sq, Sk, Hq // Hkv, D, scale, scale * LOG2E.value, left, right, *keys)
+    for part, (cq, ck), n in _batch_slices(B, packed, cu_q, cu_k, lse):
+        q_, k_, v_, do_, lse_, delta_ = (part(t) for t in (q, k, v, dout, lse, delta))
+        _bwd_preprocess_kernel[(triton.cdiv(Sq, block_m), Hq, n)](
+            part(out), do_, part(dlse) if dlse is not None else lse_, delta_, cq,
+            *_strides3(out, packed), *_strides3(dout, packed), slb, slh, Sq, D,
+            PACKED=packed, HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_D=BLOCK_D,
+        )
+        if Sk > 0:
+            _launch("dkdv", _attn_bwd_dkdv_kernel, _INTERPRET_DKDV,
+                    lambda meta, n=n: (triton.cdiv(Sk, meta["BLOCK_N"]), Hkv, n),
+                    (q_, k_, v_, do_, lse_, delta_, part(dk), part(dv), cq, ck,
+                     *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(dout, packed),
+                     *_strides3(dk, packed), *_strides3(dv, packed), slb, slh, *common),
+                    PACKED=packed, BLOCK_D=BLOCK_D, **flags)
+        _launch("dq", _attn_bwd_dq_kernel, _INTERPRET_DQ,
+                lambda meta, n=n: (triton.cdiv(Sq, meta["BLOCK_M"]), Hq, n),
+                (q_, k_, v_, do_, lse_, delta_, part(dq), cq, ck,
+                 *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(dout, packed),
+                 *_strides3(dq, packed), slb, slh, *common),
+                PACKED=packed, BLOCK_D=BLOCK_D, **flags)
+    return dq, dk, dv
     if Sq == 0:  # keys nobody looked at
         return dq, dk.zero_(), dv.zero_()
     flags, left, right = _flags(q, causal, window)
