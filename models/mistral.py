@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grit_kernels
+from grit_kernels.ops.attention_kvcache import lengths_fit
 
 from .config import MistralConfig
 
@@ -171,6 +172,10 @@ class KVCache(nn.Module):
     ``seqlens[b]`` (mirrored on every other device the layers use). Slots past
     ``seqlens[b]`` hold garbage that is never read (attention_with_kvcache reads at most
     ``seqlens[b] + S_new`` keys).
+
+    It also keeps, on the host, an upper bound of ``seqlens`` whenever its writer knows one
+    (every change but a length tensor from the device): ``attend`` then vouches for the
+    lengths (``ops.attention_kvcache.lengths_fit``), so a decode step reads nothing back.
     """
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
@@ -185,6 +190,7 @@ class KVCache(nn.Module):
         self.register_buffer("seqlens", torch.zeros(batch, dtype=torch.int32, device=devices[0]), persistent=False)
         self._mirrors = {d: torch.zeros(batch, dtype=torch.int32, device=d)
                          for d in dict.fromkeys(devices) if d != self.seqlens.device}
+        self._bound: int | None = 0  # max(seqlens) <= _bound, None: not known on the host
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's (k, v) buffers, (B, L_max, Hkv, Dh) each."""
@@ -209,7 +215,10 @@ class KVCache(nn.Module):
         """Append the rows' new k/v (B, S, Hkv, Dh) after their ``seqlens`` in this layer's
         buffers and attend causally over everything each row holds -> (B, S, Hq, Dh)."""
         kc, vc = self.layer(layer)
-        return grit_kernels.attention_with_kvcache(q_BSHD, kc, vc, self._lengths_on(kc.device),
+        lengths = self._lengths_on(kc.device)
+        if self._bound is not None and self._bound + q_BSHD.shape[1] <= self.max_len:
+            lengths_fit(lengths, self.max_len, q_BSHD.shape[1])
+        return grit_kernels.attention_with_kvcache(q_BSHD, kc, vc, lengths,
                                                    k=k_BSHD.contiguous(), v=v_BSHD.contiguous(), causal=True,
                                                    window=window)
 
@@ -218,11 +227,18 @@ class KVCache(nn.Module):
         self.seqlens += n
         for t in self._mirrors.values():
             t += n
+        if self._bound is not None:
+            self._bound += n
 
     def set_lengths(self, lengths) -> None:
         """Tokens held by each row: a (B,) tensor or list of ints."""
-        self.seqlens.copy_(torch.as_tensor(lengths, dtype=torch.int32))
+        lengths = torch.as_tensor(lengths, dtype=torch.int32)
+        self.seqlens.copy_(lengths)
         self._sync_mirrors()
+        if lengths.device.type != "cpu":
+            self._bound = None  # from a device: reading them would be the sync this avoids
+        else:
+            self._bound = int(lengths.max()) if lengths.numel() else 0
 
     def write_packed(self, layer: int, rows_T, positions_T, k_THD, v_THD) -> None:
         """Scatter packed tokens' k/v into this layer: token t goes to row rows_T[t], slot
@@ -232,12 +248,14 @@ class KVCache(nn.Module):
         kc[rows_T, positions_T] = k_THD
         vc[rows_T, positions_T] = v_THD
 
-    def lengths_from_packed(self, rows_T, positions_T) -> None:
-        """seqlens[b] = 1 + the last slot written to row b by ``write_packed`` (on device)."""
+    def lengths_from_packed(self, rows_T, positions_T, bound: int | None = None) -> None:
+        """seqlens[b] = 1 + the last slot written to row b by ``write_packed`` (on device);
+        ``bound``: an int >= every new length, when the caller knows one."""
         dev = self.seqlens.device
         self.seqlens.zero_().scatter_reduce_(0, rows_T.to(dev), (positions_T.to(dev) + 1).to(torch.int32),
                                              reduce="amax")
         self._sync_mirrors()
+        self._bound = bound
 
     def load_prefixes(self, prefixes) -> None:
         """Row b starts from ``prefixes[b]`` (a KVPrefix, or None for an empty row)."""
@@ -453,7 +471,7 @@ class Transformer(nn.Module):
         if cached:
             cache.advance(tokens.shape[1])
         elif cache is not None:
-            cache.lengths_from_packed(cache_rows, positions)
+            cache.lengths_from_packed(cache_rows, positions, bound=position_bound)
         return ModelOutput(self.norm(x.to(self.norm.weight.device)), router, kvs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -182,10 +182,8 @@ def read_once(t: torch.Tensor, against, compute, *, cacheable: bool | None = Non
     tensor costs no sync, and a change made through ``.numpy()`` must be seen. Inference
     tensors have no version counter, so they are read every time. While a CUDA graph is
     being captured nothing can be read: returns None (the kernels bound every access)."""
-    import weakref
-
     if cacheable is None:
-        cacheable = t.is_cuda and not t.is_inference()
+        cacheable = _cacheable(t)
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     if not cacheable:
@@ -194,10 +192,29 @@ def read_once(t: torch.Tensor, against, compute, *, cacheable: bool | None = Non
     if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == against:
         return hit[3]
     result = compute()
-    if len(_SEEN) >= _SEEN_MAX:
+    _remember(t, against, result)
+    return result
+
+
+def vouch(t: torch.Tensor, against, result, *, cacheable: bool | None = None) -> None:
+    """What ``read_once(t, against, ...)`` would compute from ``t``'s current values, told by
+    the caller that wrote them from values it holds on the host (a KV cache advancing its
+    lengths): the next ``read_once`` of the unchanged tensor reads nothing. Only where
+    ``read_once`` would remember (CUDA tensors; CPU ones are read anyway)."""
+    if cacheable if cacheable is not None else _cacheable(t):
+        _remember(t, against, result)
+
+
+def _cacheable(t: torch.Tensor) -> bool:
+    return t.is_cuda and not t.is_inference()
+
+
+def _remember(t: torch.Tensor, against, result) -> None:
+    import weakref
+
+    if id(t) not in _SEEN and len(_SEEN) >= _SEEN_MAX:
         _SEEN.pop(next(iter(_SEEN)))
     _SEEN[id(t)] = (weakref.ref(t), t._version, against, result)
-    return result
 
 
 def longest_sequence(name: str, cu: torch.Tensor, total: int, device) -> int | None:

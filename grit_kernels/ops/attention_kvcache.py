@@ -73,7 +73,9 @@ def attention_with_kvcache(
     caches untouched. The "cache too small" check reads ``cache_seqlens`` on the host, which
     on CUDA is one small device-to-host copy (a sync); on CUDA it is skipped when the same
     ``cache_seqlens`` tensor was already checked and not modified since (the other layers
-    of a decode step) and while a CUDA graph is being captured (a sync is illegal there).
+    of a decode step), when its writer vouched for the lengths (``lengths_fit``: a KV cache
+    that knows them on the host, so a decode step never syncs) and while a CUDA graph is
+    being captured (a sync is illegal there).
     Whatever the lengths say, the kernels never read or write outside ``[0, L_max)`` of a
     row. The caches must not alias themselves or each other (no expanded views).
     """
@@ -142,7 +144,20 @@ def _check_values(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
             raise ValueError(f"cache_seqlens: {what} exceeds the cache capacity S_max = {S_max} (k_cache too small)")
         return True
 
-    _checks.read_once(cache_seqlens, ("cache_seqlens", S_max, Sq_new), check)
+    _checks.read_once(cache_seqlens, _check_key(S_max, Sq_new), check)
+
+
+def _check_key(S_max: int, Sq_new: int) -> tuple:
+    return ("cache_seqlens", S_max, Sq_new)
+
+
+def lengths_fit(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
+    """The caller's word that ``0 <= cache_seqlens[b]`` and ``cache_seqlens[b] + Sq_new <=
+    S_max`` for the tensor's current values (it wrote them from lengths it knows on the
+    host, e.g. a generate loop's cache): the next call's check reads nothing, so a decode
+    step costs no host sync. A wrong word cannot reach memory (the kernels clamp every
+    access to the capacity); it only loses the clear error."""
+    _checks.vouch(cache_seqlens, _check_key(S_max, Sq_new), True)
 
 
 # ---------------------------------------------------------------------------------------
