@@ -156,7 +156,11 @@ def lengths_fit(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
     S_max`` for the tensor's current values (it wrote them from lengths it knows on the
     host, e.g. a generate loop's cache): the next call's check reads nothing, so a decode
     step costs no host sync. A wrong word cannot reach memory (the kernels clamp every
-    access to the capacity); it only loses the clear error."""
+    access to the capacity); it only loses the clear error. A no-op while torch.compile
+    traces (the memo is host state; compiled code runs the op's own check, or none under
+    CUDA graph capture)."""
+    if torch.compiler.is_compiling():
+        return
     _checks.vouch(cache_seqlens, _check_key(S_max, Sq_new), True)
 
 
