@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _backend
-from . import _checks
+from . import _checks, _dispatch
 
 BACKENDS = _backend.Table("attention", ("reference", "cpu", "triton"))
 MAX_HEAD_DIM = 256
@@ -79,8 +79,8 @@ def attention(
     if cu_seqlens_q is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _attention_op(
-        q, k, v, cu_seqlens_q, cu_seqlens_k,
+    out, lse = _dispatch.call(
+        _attention_op, q, k, v, cu_seqlens_q, cu_seqlens_k,
         -1 if max_seqlen_q is None else int(max_seqlen_q), -1 if max_seqlen_k is None else int(max_seqlen_k),
         bool(causal), left, right, scale,
     )
@@ -174,9 +174,8 @@ def _check_values(q, k, cu_q, cu_k, max_q: int, max_k: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("grit::attention", mutates_args=())
-def _attention_op(
-    q: torch.Tensor,
+@_dispatch.custom_op("grit::attention", mutates_args=())
+def _attention_op(q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None,

@@ -20,7 +20,7 @@ import math
 import torch
 
 from .. import _backend
-from . import _checks
+from . import _checks, _dispatch
 
 BACKENDS = _backend.Table("attention_kvcache", ("reference", "cpu", "triton"))
 MAX_HEAD_DIM = 256  # flash-attn's limit; the Triton kernel keeps a (rows, D) tile on chip
@@ -81,9 +81,8 @@ def attention_with_kvcache(
     """
     left, right = _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _attention_with_kvcache_op(
-        q, k_cache, v_cache, cache_seqlens, k, v, bool(causal), left, right, scale
-    )
+    return _dispatch.call(_attention_with_kvcache_op, q, k_cache, v_cache, cache_seqlens, k, v, bool(causal), left,
+                          right, scale)
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, window, softmax_scale) -> tuple[int, int]:
@@ -169,9 +168,8 @@ def lengths_fit(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("grit::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
-def _attention_with_kvcache_op(
-    q: torch.Tensor,
+@_dispatch.custom_op("grit::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _attention_with_kvcache_op(q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,

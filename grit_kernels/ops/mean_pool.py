@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from . import _checks
+from . import _checks, _dispatch
 
 BACKENDS = _backend.Table("mean_pool", ("reference", "cpu", "triton", "cuda"))
 
@@ -50,7 +50,7 @@ def mean_pool(
     _validate(hidden, mask, cu_seqlens, skip)
     if cu_seqlens is not None and skip is None:
         skip = torch.zeros(cu_seqlens.numel() - 1, dtype=torch.int32, device=hidden.device)
-    out, _norm, _den = _mean_pool_op(hidden, mask, cu_seqlens, skip, bool(normalize), bool(weighted))
+    out, _norm, _den = _dispatch.call(_mean_pool_op, hidden, mask, cu_seqlens, skip, bool(normalize), bool(weighted))
     return out
 
 
@@ -105,9 +105,8 @@ def _check_values(cu_seqlens, skip, total: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("grit::mean_pool", mutates_args=())
-def _mean_pool_op(
-    hidden: torch.Tensor,
+@_dispatch.custom_op("grit::mean_pool", mutates_args=())
+def _mean_pool_op(hidden: torch.Tensor,
     mask: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     skip: torch.Tensor | None,

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from . import _checks
+from . import _checks, _dispatch
 
 BACKENDS = _backend.Table("moe", ("reference", "cpu", "triton", "cuda"))
 
@@ -53,7 +53,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int = 2):
     """
     _checks.check_tensor("router_logits", router_logits, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     top_k = _check_top_k(top_k, router_logits.shape[1], "router_logits")
-    return _moe_route_op(router_logits, top_k)
+    return _dispatch.call(_moe_route_op, router_logits, top_k)
 
 
 def moe_experts(x, w1, w2, w3, weights, experts):
@@ -69,7 +69,7 @@ def moe_experts(x, w1, w2, w3, weights, experts):
     if experts.dtype != torch.int32:
         experts = experts.to(torch.int32)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, w3, weights))
-    return _moe_experts_op(x, w1, w2, w3, weights, experts.contiguous(), save)[0]
+    return _dispatch.call(_moe_experts_op, x, w1, w2, w3, weights, experts.contiguous(), save)[0]
 
 
 def moe_aux_loss(router_logits, top_k: int = 2, mask=None, num_experts: int | None = None):
@@ -186,7 +186,7 @@ def _select(device_type: str):
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("grit::moe_route", mutates_args=())
+@_dispatch.custom_op("grit::moe_route", mutates_args=())
 def _moe_route_op(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     # The routing has no Triton GEMM: the triton module's torch ops run on interpreted CPU too.
     impl = BACKENDS.select(router_logits.device.type)
@@ -228,9 +228,8 @@ _moe_route_op.register_autograd(_route_backward, setup_context=_route_setup_cont
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("grit::moe_experts", mutates_args=())
-def _moe_experts_op(
-    x: torch.Tensor,
+@_dispatch.custom_op("grit::moe_experts", mutates_args=())
+def _moe_experts_op(x: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
     w3: torch.Tensor,
