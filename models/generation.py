@@ -280,7 +280,27 @@ def _logits_processor(cfg, prompt_len: int, eos, device, user, prefix_allowed_to
             procs.append(G.EtaLogitsWarper(epsilon=cfg.eta_cutoff, min_tokens_to_keep=keep, device=device))
     if cfg.renormalize_logits is True:
         procs.append(G.LogitNormalization())
-    return procs
+    return _called_as_one(procs)
+
+
+def _called_as_one(procs):
+    """``procs`` as one ``(ids, scores) -> scores`` call: what LogitsProcessorList.__call__
+    does without extra kwargs (generate passes none), with its check that no processor needs
+    more arguments done once here, before decoding, instead of by inspect.signature on
+    every processor at every step (~0.1 ms a step on a CPU)."""
+    import inspect
+
+    for p in procs:
+        params = list(inspect.signature(p.__call__).parameters)
+        if len(params) > 2:
+            raise ValueError(f"Make sure that all the required parameters: {params} for {p.__class__} are passed "
+                             "to the logits processor.")
+
+    def apply(ids, scores):
+        for p in procs:
+            scores = p(ids, scores)
+        return scores
+    return apply
 
 
 def _stopping_criteria(cfg, eos, device, user, tokenizer):
