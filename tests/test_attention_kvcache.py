@@ -204,9 +204,10 @@ def test_strided_caches(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
-def test_without_new_kv_attends_to_cache_prefix(backend):
+@pytest.mark.parametrize("Sq", [1, 2])
+def test_without_new_kv_attends_to_cache_prefix(backend, Sq):
     # No append: row b attends to cache[:cache_seqlens[b]]; an empty row gives zeros, not NaN.
-    B, S_max, Hq, Hkv, D, Sq = 3, 24, 4, 2, 64, 2
+    B, S_max, Hq, Hkv, D = 3, 24, 4, 2, 64
     seqlens = torch.tensor([7, 0, 24], dtype=torch.int32)
     q, kc, vc = rand(B, Sq, Hq, D), rand(B, S_max, Hkv, D), rand(B, S_max, Hkv, D)
     before = kc.clone(), vc.clone()
