@@ -131,15 +131,14 @@ def _check_values(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
         return
 
     def check() -> bool:
-        values = cache_seqlens.detach().to("cpu", torch.int64)
-        if bool((values < 0).any()):
-            raise ValueError(f"cache_seqlens: expected non-negative lengths, got {values.tolist()[:16]}")
-        too_long = values + Sq_new > S_max
-        if bool(too_long.any()):
-            b = int(too_long.nonzero()[0, 0])
-            what = f"cache_seqlens[{b}] = {int(values[b])}"
+        values = cache_seqlens.tolist()  # B ints: one copy, then plain Python (B is small)
+        if min(values) < 0:
+            raise ValueError(f"cache_seqlens: expected non-negative lengths, got {values[:16]}")
+        if max(values) + Sq_new > S_max:
+            b = next(i for i, n in enumerate(values) if n + Sq_new > S_max)
+            what = f"cache_seqlens[{b}] = {values[b]}"
             if Sq_new:
-                what = f"cache_seqlens[{b}] + Sq = {int(values[b])} + {Sq_new}"
+                what = f"cache_seqlens[{b}] + Sq = {values[b]} + {Sq_new}"
             raise ValueError(f"cache_seqlens: {what} exceeds the cache capacity S_max = {S_max} (k_cache too small)")
         return True
 
