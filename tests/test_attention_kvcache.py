@@ -127,6 +127,28 @@ def test_against_reference_varlen(backend, Sq, causal, window):
     check(out, q, ekc, evc, causal=causal, window=window, softmax_scale=0.2, seqlens_k=(seqlens + Sq).tolist())
 
 
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
+@pytest.mark.parametrize("path", ["gemv", "flash"])
+@pytest.mark.parametrize("window", [(-1, -1), (50, 0)], ids=["full", "left-50"])
+@pytest.mark.parametrize("lengths", [[300, 300, 300], [0, 17, 299]], ids=["equal", "uneven"])
+def test_cpu_decode_paths(backend, path, window, lengths, monkeypatch):
+    """The cpu backend's decode (Sq = 1): per-row views of the visible keys, through the
+    fp32 GEMV pair (path "gemv") or the fused kernel ("flash"); NaN past every row's keys."""
+    from grit_kernels.cpu import attention_kvcache as cpu_kv
+
+    monkeypatch.setattr(cpu_kv, "_GEMV_MIN", 0 if path == "gemv" else 1 << 62)
+    B, S_max, Hq, Hkv, D = 3, 320, 8, 2, 64
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    q, k, v = rand(B, 1, Hq, D), rand(B, 1, Hkv, D), rand(B, 1, Hkv, D)
+    kc, vc = rand(B, S_max, Hkv, D), rand(B, S_max, Hkv, D)
+    for b in range(B):
+        kc[b, lengths[b] + 1:] = float("nan")
+        vc[b, lengths[b] + 1:] = float("nan")
+    ekc, evc = expected_caches(kc, vc, seqlens, k, v)
+    out = attention_with_kvcache(q, kc, vc, seqlens, k, v, window=window)
+    check(out, q, ekc, evc, window=window, seqlens_k=(seqlens + 1).tolist())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 @pytest.mark.parametrize("D", [64, 96, 128])
 def test_head_dims(backend, D):

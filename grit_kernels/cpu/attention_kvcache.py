@@ -50,10 +50,10 @@ def _attend(q, k_cache, v_cache, seqlens_k: list[int], causal: bool, window: tup
     """
     Sq = q.shape[1]
     L = max(seqlens_k, default=0)
+    if Sq == 1 and q.numel():
+        return _decode(q, k_cache, v_cache, seqlens_k, window[0], scale)
     if q.numel() == 0 or min(seqlens_k) == L:
         return _forward_padded(q, k_cache[:, :L], v_cache[:, :L], causal, window, scale)[0].contiguous()
-    if Sq == 1:
-        return _decode_rows(q, k_cache, v_cache, seqlens_k, window[0], scale)
     left, right = window
     if causal:
         right = 0
@@ -82,20 +82,44 @@ def _attend(q, k_cache, v_cache, seqlens_k: list[int], causal: bool, window: tup
     return out.contiguous()
 
 
-def _decode_rows(q, k_cache, v_cache, seqlens_k: list[int], left: int, scale: float) -> torch.Tensor:
-    """One new query per row (decode) over rows of different lengths: one kernel call per row
-    on a view of its visible keys ``[n - 1 - left, n)`` (all n without a left window; a
-    single bottom-right query sees no key past its own, whatever the mask mode), no copy and
-    no mask. Beats the masked copy from a few hundred keys on and stays close below
-    (one thread: B=4, L=120, Hq/Hkv=4/2, D=32: 105 vs 130 us; B=16, L=1000, Hq/Hkv=8/4,
-    D=64: 3.6 vs 15.6 ms).
-    A row with no key gets zeros."""
+def _decode(q, k_cache, v_cache, seqlens_k: list[int], left: int, scale: float) -> torch.Tensor:
+    """One new query per row (decode): row b's query sees keys ``[n - 1 - left, n)`` of its
+    n = seqlens_k[b] (all n without a left window; a bottom-right query has no key past its
+    own, whatever the mask mode), so each row is a call on a view of exactly those keys: no
+    copy of the caches, no mask. Rows of one length share one call. A row with no key gets
+    zeros. (Per row against the masked copy, one thread: B=4, L=120, Hq/Hkv=4/2, D=32: 105 vs
+    130 us; B=16, L=1000, Hq/Hkv=8/4, D=64: 3.6 vs 15.6 ms.)"""
+    def keys(n):
+        return max(0, n - 1 - left) if left >= 0 else 0, n
+
+    if min(seqlens_k) == max(seqlens_k):
+        lo, n = keys(seqlens_k[0])
+        if n == 0:
+            return q.new_zeros(q.shape)
+        return _one_query(q, k_cache[:, lo:n], v_cache[:, lo:n], scale)
     out = q.new_zeros(q.shape)
     for b, n in enumerate(seqlens_k):
-        if n == 0:
-            continue
-        lo = max(0, n - 1 - left) if left >= 0 else 0
-        o, _ = _FLASH(q[b:b + 1].transpose(1, 2), k_cache[b:b + 1, lo:n].transpose(1, 2),
-                      v_cache[b:b + 1, lo:n].transpose(1, 2), 0.0, False, scale=scale)
-        out[b:b + 1] = o.transpose(1, 2)
+        if n:
+            lo, n = keys(n)
+            out[b:b + 1] = _one_query(q[b:b + 1], k_cache[b:b + 1, lo:n], v_cache[b:b + 1, lo:n], scale)
     return out
+
+
+# From this many key x head x dim elements on, fp32 decode attention as two batched GEMVs
+# (scores, then weights x values, softmax in between) beats the fused flash kernel, whose
+# blocking is built for many query rows (one thread, cache layout (B, L, Hkv, D) views:
+# L=1000, Hq/Hkv=4/2, D=32: 48 vs 51 us; 8/4, D=64: 170 vs 244 us; L=4000, 32/8, D=128:
+# 2.9 vs 7.1 ms; L=100, 4/2, D=32: 27 vs 20 us, below the threshold).
+_GEMV_MIN = 1 << 17
+
+
+def _one_query(q, k, v, scale: float) -> torch.Tensor:
+    """q (R, 1, Hq, Dh) over every key of k, v (R, n, Hkv, Dh) views, n >= 1 -> (R, 1, Hq, Dh)."""
+    R, _, Hq, D = q.shape
+    n, Hkv = k.shape[1], k.shape[2]
+    if q.dtype == torch.float32 and n * Hq * D >= _GEMV_MIN:
+        qg = q.reshape(R, Hkv, Hq // Hkv, D)  # query head h reads KV head h // G
+        p = torch.softmax(torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale, dim=-1)  # (R, Hkv, G, n)
+        return torch.matmul(p, v.transpose(1, 2)).reshape(R, 1, Hq, D)
+    o, _ = _FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, scale=scale)
+    return o.transpose(1, 2)
