@@ -109,7 +109,8 @@ phase warm "$LIMIT_WARM" $PY -m bench.compile_plan --phase all --compile --worke
 # Correctness of every op first, then the model-level tests.
 TEST_FILES="tests/test_attention.py tests/test_attention_kvcache.py tests/test_mean_pool.py"
 TEST_FILES+=" tests/test_contrastive_loss.py tests/test_moe.py tests/test_host_sync.py"
-TEST_FILES+=" tests/test_model_backends.py tests/test_grad_cache.py tests/test_training.py tests/test_dropin.py"
+TEST_FILES+=" tests/test_model_backends.py tests/test_generation.py tests/test_grad_cache.py tests/test_training.py"
+TEST_FILES+=" tests/test_dropin.py"
 if [ $DRY -eq 1 ]; then
   phase tests "$LIMIT_TESTS" bash -c "$PY -m pytest -q -m gpu --collect-only $TEST_FILES -p no:cacheprovider \
     > '$RESULTS_DIR/gpu_tests.log' 2>&1; tail -3 '$RESULTS_DIR/gpu_tests.log'"

@@ -14,6 +14,9 @@
   text (max_length=None), so that every mode sees the same tokens.
 * generate: tokens/s of ``generate`` vs transformers' ``generate``, greedy, batch of prompts
   of different lengths (left padded), every row forced to the full length.
+* generate graph (GPU): decode captured as a CUDA graph (``cache_implementation="static"``)
+  against eager decode and against transformers' ``generate``, batch 1 and 16, on
+  GritLM-7B-shaped layers with random weights.
 
 The checkpoint is random (no hub access): its size is picked per device so that the CPU run
 finishes in a minute or two in --quick mode. On CPU both sides run with
@@ -248,6 +251,39 @@ def cases(device: torch.device, quick: bool):
             baseline=lambda r=b_ref, i=b_inputs, k=b_gen: r.model.generate(**i, **k),
             baseline_name="transformers generate", extra=dict(new_tokens=B * n_new, arch=arch),
         ))
+    # 5. decode through a CUDA graph (cache_implementation="static") on GritLM-7B-shaped layers
+    out += _graph_decode_cases(device, quick, gm) if device.type == "cuda" else [Skipped(
+        "model generate graph", "B=1, 16 GritLM-7B layers bf16 (cache_implementation='static')", "needs a CUDA device")]
     for case in out:
         case.threads = threads or 1  # run_case pins (and records) the count on the CPU
+    return out
+
+
+def _graph_decode_cases(device, quick, gm):
+    """Tokens/s of greedy decode captured as a CUDA graph against eager decode and against
+    transformers' generate: Mistral-7B / GritLM-7B layers (4096 wide, 32/8 heads, 14336 MLP),
+    random weights, 2 (quick) or 4 of them, bf16, 128-token prompts, 64 new tokens."""
+    import transformers
+
+    from grit_models.testing import make_checkpoint
+
+    layers = 2 if quick else 4
+    path = Path(tempfile.mkdtemp(prefix="grit_bench_7b_")) / "ckpt"
+    make_checkpoint(path, "mistral", dtype="bfloat16", init_std=0.02, max_position_embeddings=8192,
+                    hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                    num_key_value_heads=8, sliding_window=None)
+    ours = gm.GritModel(str(path), device=str(device), torch_dtype="bfloat16")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    out, n_new = [], 64
+    for B in (1, 16):
+        ids = torch.randint(3, 32000, (B, 128), device=device, generator=torch.Generator(device).manual_seed(B))
+        gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+        shape = f"B={B} prompt=128 new={n_new} D=4096 layers={layers} GritLM-7B layers bf16"
+        graph = (lambda i=ids: ours.generate(i, cache_implementation="static", **gen))
+        out.append(Case("model generate graph", shape, "grit_models cuda graph", fn=graph,
+                        baseline=lambda i=ids: ours.generate(i, **gen), baseline_name="grit_models eager",
+                        extra=dict(new_tokens=B * n_new)))
+        out.append(Case("model generate graph", shape, "grit_models cuda graph", fn=graph,
+                        baseline=lambda i=ids: ref.generate(i, **gen), baseline_name="transformers generate",
+                        extra=dict(new_tokens=B * n_new)))
     return out

@@ -14,6 +14,7 @@ one or more concatenated prefixes continues at position = total prefix length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -201,9 +202,9 @@ def _config(model, generation_config, defaults, kwargs):
         if value is not None and value != neutral:
             raise ValueError(f"{name}: {value!r} is not supported by grit_models' generate (greedy, sampling "
                              "and beam search are)")
-    if getattr(cfg, "cache_implementation", None) not in (None, "dynamic"):
+    if getattr(cfg, "cache_implementation", None) not in (None, "dynamic", "static"):
         raise ValueError(f"cache_implementation: {cfg.cache_implementation!r} is not supported (grit_models "
-                         "keeps its own KV cache)")
+                         "keeps its own KV cache; 'static' also decodes through a CUDA graph on a GPU)")
     cfg.validate()
     # Values transformers would accept silently but that cannot mean anything.
     if cfg.max_new_tokens is not None and (not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 0):
@@ -402,13 +403,16 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, generation
         input_ids = input_ids.repeat_interleave(expand, dim=0)
     procs = _logits_processor(cfg, S, eos, device, logits_processor, prefix_allowed_tokens_fn)
     crit = _stopping_criteria(cfg, eos, device, stopping_criteria, tokenizer)
-    cache, last = _prefill(model, rows, prefixes, cfg.max_length - S, pad if pad is not None else 0, expand)
+    graph = getattr(cfg, "cache_implementation", None) == "static" and model.device.type == "cuda"
+    cache, last = _prefill(model, rows, prefixes, cfg.max_length - S, pad if pad is not None else 0, expand,
+                           static=graph)
     if streamer is not None:
         streamer.put(input_ids.cpu())
+    step = _graph_step(model, cache) if graph else functools.partial(_step, model, cache)
     if beams > 1:
-        out = _beam_search(model, cache, last, input_ids, cfg, procs, crit, eos, pad, B, beams, generator)
+        out = _beam_search(step, model, cache, last, input_ids, cfg, procs, crit, eos, pad, B, beams, generator)
     else:
-        out = _sample(model, cache, last, input_ids, cfg, procs, crit, eos, pad, streamer, generator)
+        out = _sample(step, model, last, input_ids, cfg, procs, crit, eos, pad, streamer, generator)
     if streamer is not None:
         streamer.end()
     return out
@@ -445,7 +449,7 @@ def _check_input_ids(model, input_ids) -> torch.Tensor:
     return input_ids.to(device=model.device, dtype=torch.long)
 
 
-def _prefill(model, rows, prefixes, max_new: int, pad: int, repeat: int = 1):
+def _prefill(model, rows, prefixes, max_new: int, pad: int, repeat: int = 1, static: bool = False):
     """The prompts through the model into a new cache -> (cache, last hidden (R, D)), each
     prompt in ``repeat`` consecutive rows (beams, or sequences to return): R = len(rows) * repeat.
     Each prompt is run once and its cache row copied (``KVCache.reorder``)."""
@@ -458,7 +462,8 @@ def _prefill(model, rows, prefixes, max_new: int, pad: int, repeat: int = 1):
         repeat = 1
     R = len(rows)
     lens = [r.numel() for r in rows]
-    cache = model.new_cache(R * repeat, max(plens) + max(lens) + max_new)
+    need = max(plens) + max(lens) + max_new
+    cache = _static_cache(model, R * repeat, need) if static else model.new_cache(R * repeat, need)
     if any(plens):
         # Each row starts from its prefix; the prompts, padded to the longest one, go through
         # the cached pass: padded queries write keys past the row's length, which the next
@@ -494,7 +499,72 @@ def _step(model, cache, tokens_R):
     return model(tokens_R[:, None], cache.seqlens.long()[:, None], cache=cache, position_bound=cache.max_len).hidden[:, 0]
 
 
-def _sample(model, cache, last, seqs, cfg, procs, crit, eos, pad, streamer, generator):
+# cache_implementation='static' keeps one cache and its captured decode step on the model, as
+# gpt-fast does: capturing costs a few steps, so later calls of the same batch size and a
+# capacity in the same 256-token bucket reuse both (the prefill rewrites the buffers in place).
+_STATIC_BUCKET = 256
+
+
+def _static_cache(model, batch: int, need: int):
+    cap = -(-need // _STATIC_BUCKET) * _STATIC_BUCKET
+    held = getattr(model, "_static_decode", None)
+    if held is None or held[0].batch != batch or held[0].max_len != cap:
+        held = (model.new_cache(batch, cap), None)
+        model._static_decode = held  # one at a time: a new shape frees the old cache and graph
+    return held[0]
+
+
+def _graph_step(model, cache):
+    held_cache, step = model._static_decode
+    if step is None or held_cache is not cache:
+        step = GraphStep(model, cache)
+        model._static_decode = (cache, step)
+    return step
+
+
+class GraphStep:
+    """gpt-fast's decode on a GPU: ``_step`` captured once as a CUDA graph over the cache's
+    own buffers (static shapes: R rows, one token each), then replayed per token, so a step
+    costs one graph launch instead of a few hundred kernel launches from Python.
+
+    Capture needs what the step launches compiled and tuned beforehand: two warm-up steps
+    run on a side stream first. They write k/v at each row's next slot (the slot the first
+    real step overwrites before anything reads it) and advance the lengths, which are then
+    put back. Inside the graph the lengths advance on the device; ``__call__`` advances the
+    cache's host bound to match. The returned hidden (R, D) is the graph's output buffer:
+    read it before the next call. One device only (a split model's layers sync the length
+    mirrors across devices).
+    """
+
+    def __init__(self, model, cache, warmup: int = 2):
+        if cache._mirrors:
+            raise ValueError("cache_implementation: 'static' (CUDA graph decode) needs the model on one device")
+        dev = cache.seqlens.device
+        self.cache = cache
+        self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=dev)
+        lengths, bound = cache.seqlens.clone(), cache._bound
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                _step(model, cache, self.tokens)
+                cache.seqlens.copy_(lengths)
+                cache._bound = bound
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.hidden = _step(model, cache, self.tokens)  # recorded, not run: lengths unchanged
+        cache._bound = bound  # capture ran the host side of advance(1)
+
+    def __call__(self, tokens_R):
+        self.tokens.copy_(tokens_R)
+        self.graph.replay()
+        if self.cache._bound is not None:
+            self.cache._bound += 1
+        return self.hidden
+
+
+def _sample(step, model, last, seqs, cfg, procs, crit, eos, pad, streamer, generator):
     """transformers' ``_sample``: greedy, or multinomial over the processed scores."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -521,7 +591,7 @@ def _sample(model, cache, last, seqs, cfg, procs, crit, eos, pad, streamer, gene
         unfinished = unfinished & ~crit(seqs, scores)
         if int(unfinished.max()) == 0:
             break
-        last = _step(model, cache, nxt)
+        last = step(nxt)
     if cfg.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=seqs, scores=scores if want_scores else None,
                                          logits=raw if want_logits else None)
@@ -535,7 +605,7 @@ def _gather(t, idx):
     return torch.take_along_dim(t, idx, dim=1)
 
 
-def _beam_search(model, cache, last, input_ids, cfg, procs, crit, eos, pad, B, nb, generator):
+def _beam_search(step, model, cache, last, input_ids, cfg, procs, crit, eos, pad, B, nb, generator):
     """transformers' (>= 4.50) vectorised beam search, on this package's cache: each step
     keeps the best ``max(2, 1 + n_eos) * num_beams`` continuations, moves those that stop
     into the finished set (scored with the length penalty), and reorders the cache rows to
@@ -612,7 +682,7 @@ def _beam_search(model, cache, last, input_ids, cfg, procs, crit, eos, pad, B, n
         continues = not bool(stops.all())
         if not (improvable and open_beam and continues):
             break
-        last = _step(model, cache, running[:, :, cur - 1].reshape(-1))
+        last = step(running[:, :, cur - 1].reshape(-1))
     nrs = cfg.num_return_sequences
     sequences = sequences[:, :nrs].reshape(B * nrs, -1)
     seq_scores = beam_scores[:, :nrs].reshape(B * nrs)

@@ -51,6 +51,8 @@ DETERMINISTIC = {
                               length_penalty=3.0, do_sample=False),
     "beams-finish-short": dict(max_new_tokens=8, num_beams=3, num_return_sequences=3, eos_token_id=list(range(2, 40)),
                                length_penalty=-2.0, early_stopping=True, do_sample=False),
+    # transformers' static cache; here the same cache (a CUDA graph decode on a GPU).
+    "greedy-static": dict(max_new_tokens=12, do_sample=False, cache_implementation="static"),
 }
 
 
@@ -172,10 +174,26 @@ def test_batch_encoding_input(pair):
     (dict(assistant_model=object()), "assistant_model"),
     (dict(not_a_field=1), "not_a_field"),
     (dict(num_return_sequences=2), "num_return_sequences"),
-    (dict(cache_implementation="static"), "cache_implementation"),
+    (dict(cache_implementation="offloaded"), "cache_implementation"),
     (dict(stop_strings=["x"], tokenizer=None), "stop_strings"),
 ])
 def test_what_cannot_be_honoured_is_rejected(pair, kw, match):
     ours, _, _ = pair
     with pytest.raises((ValueError, TypeError), match=match):
         ours.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=3, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["greedy", "two-eos-min-new", "beams", "top-k-1"])
+def test_cuda_graph_decode_gives_the_eager_tokens(tmp_path, name):
+    """cache_implementation='static' captures the decode step in a CUDA graph and replays it
+    per token: the same tokens as eager decoding, and as transformers."""
+    path = make_checkpoint(tmp_path / "m", "mistral", seed=11)
+    ours = gm.GritModel(str(path), device="cuda")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    ids, mask = (t.cuda() for t in left_padded())
+    kw = DETERMINISTIC[name]
+    eager = ours.generate(ids, mask, **kw)
+    graph = ours.generate(ids, mask, cache_implementation="static", **kw)
+    assert graph.tolist() == eager.tolist()
+    assert graph.tolist() == theirs.generate(input_ids=ids, attention_mask=mask, **kw).tolist()
