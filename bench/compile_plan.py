@@ -221,7 +221,27 @@ def _cases_tests():
                                          (bf16, 333, 128, 256, 16, 4), (fp32, 333, 128, 256, 16, 4),
                                          (bf16, 300, 128, 256, 8, 2)]),
     ]
+    # test_model_backends, test_host_sync, test_generation, test_grad_cache, test_training:
+    # tiny checkpoints in fp32 and bf16
+    c["model"] = [lambda a=a: _model(*a) for a in [("mistral", "float32", 8), ("mixtral", "float32"),
+                                                     ("mistral", "bfloat16", 8), ("mistral", "float32")]]
     return c
+
+
+def _model(arch: str, dtype: str, sliding_window=None):
+    """A tiny checkpoint's encode and generate (what the model-level gpu tests run: the
+    model's shapes go through every op it calls)."""
+    import tempfile
+
+    import grit_models as gm
+    from grit_models.testing import make_checkpoint, random_texts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = {} if sliding_window is None else dict(sliding_window=sliding_window)
+        model = gm.GritModel(str(make_checkpoint(f"{tmp}/m", arch, **extra)), device="cpu", torch_dtype=dtype)
+        model.encode(random_texts(4, 1, 60, seed=1), instruction=gm.gritlm_instruction_format("q"))
+        ids = torch.tensor([[1, 5, 9, 22, 40, 7], [0, 0, 1, 5, 9, 3]])
+        model.generate(ids, (ids != 0).long(), max_new_tokens=3, pad_token_id=0)
 
 
 def _with_autotune(fn):
