@@ -279,7 +279,8 @@ def _graph_decode_cases(device, quick, gm):
         ids = torch.randint(3, 32000, (B, 128), device=device, generator=torch.Generator(device).manual_seed(B))
         gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
         shape = f"B={B} prompt=128 new={n_new} D=4096 layers={layers} GritLM-7B layers bf16"
-        graph = (lambda i=ids: ours.generate(i, cache_implementation="static", **gen))
+        def graph(i=ids):
+            return ours.generate(i, cache_implementation="static", **gen)
         out.append(Case("model generate graph", shape, "grit_models cuda graph", fn=graph,
                         baseline=lambda i=ids: ours.generate(i, **gen), baseline_name="grit_models eager",
                         extra=dict(new_tokens=B * n_new)))

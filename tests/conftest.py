@@ -15,7 +15,6 @@ the compile plan, bench/compile_plan.py, did not warm).
 import json
 import os
 import signal
-import time
 
 if os.environ.get("GRIT_GPU_TESTS", "0") in ("", "0"):
     os.environ["TRITON_INTERPRET"] = "1"
