@@ -403,7 +403,10 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, generation
         input_ids = input_ids.repeat_interleave(expand, dim=0)
     procs = _logits_processor(cfg, S, eos, device, logits_processor, prefix_allowed_tokens_fn)
     crit = _stopping_criteria(cfg, eos, device, stopping_criteria, tokenizer)
-    graph = getattr(cfg, "cache_implementation", None) == "static" and model.device.type == "cuda"
+    # A model split over several devices keeps 'static' without a graph (its layers copy the
+    # cache lengths across devices), as a CPU model does.
+    graph = (getattr(cfg, "cache_implementation", None) == "static" and model.device.type == "cuda"
+             and len({layer.attn_norm.weight.device for layer in model.layers}) == 1)
     cache, last = _prefill(model, rows, prefixes, cfg.max_length - S, pad if pad is not None else 0, expand,
                            static=graph)
     if streamer is not None:
@@ -532,13 +535,10 @@ class GraphStep:
     real step overwrites before anything reads it) and advance the lengths, which are then
     put back. Inside the graph the lengths advance on the device; ``__call__`` advances the
     cache's host bound to match. The returned hidden (R, D) is the graph's output buffer:
-    read it before the next call. One device only (a split model's layers sync the length
-    mirrors across devices).
+    read it before the next call. For a model on one device (``generate`` checks).
     """
 
     def __init__(self, model, cache, warmup: int = 2):
-        if cache._mirrors:
-            raise ValueError("cache_implementation: 'static' (CUDA graph decode) needs the model on one device")
         dev = cache.seqlens.device
         self.cache = cache
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=dev)
