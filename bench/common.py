@@ -8,6 +8,7 @@ reports the median of both and their ratio. Suites are listed in ``bench/__main_
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import time
@@ -147,7 +148,8 @@ def measure(fn: Callable[[], Any], device: torch.device, *, baseline: Callable[[
             rel: float = 0.005) -> tuple[Stats, Stats | None, float | None]:
     """Times ``fn`` and ``baseline`` alternately (one call of each per round, so both see the
     same machine state) until the medians and the median of the per-round ratios are settled
-    to ``rel`` or ``budget_s`` is spent, after at least ``min_reps`` rounds.
+    to ``rel`` or ``budget_s`` is spent, after at least ``min_reps`` rounds (fewer, down to
+    5, for a case whose rounds take longer than budget_s * 4 / min_reps).
 
     Returns (stats of fn, stats of baseline or None, stats of the ratio or None): the ratio
     series is baseline time / fn time per round (its "ms" fields hold plain ratios). Pairing each call with its neighbour cancels the
@@ -159,12 +161,17 @@ def measure(fn: Callable[[], Any], device: torch.device, *, baseline: Callable[[
         sync(device)
     # Warm-up rounds, discarded (at least two, and a tenth of the budget): caches, the
     # allocator, branch predictors and the CPU's clock settle.
-    warm_until = time.perf_counter() + 0.1 * budget_s
+    warm_start = time.perf_counter()
+    warm_until = warm_start + 0.1 * budget_s
     rounds = 0
     while rounds < 2 or time.perf_counter() < warm_until:
         for f in fns:
             _time_one(f, device)
         rounds += 1
+    # A case whose round takes seconds (the --full CPU encode corpus: 18 s) stops after as
+    # few as 5 rounds once the budget is spent, not min_reps (25 rounds: 7.5 minutes for a row).
+    round_s = (time.perf_counter() - warm_start) / rounds
+    min_reps = max(min(5, min_reps), min(min_reps, math.ceil(4 * budget_s / max(round_s, 1e-9))))
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     while True:

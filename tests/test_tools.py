@@ -82,6 +82,19 @@ def test_bench_interrupted_still_writes(tmp_path):
     assert first["threads"] == 1
 
 
+def test_bench_slow_cases_take_fewer_rounds():
+    """measure(): a case whose rounds are long next to the budget stops after 5 rounds once
+    the budget is spent; a fast one still takes min_reps."""
+    sys.path.insert(0, str(ROOT))
+    from bench.common import measure
+
+    cpu = torch.device("cpu")
+    slow, base, _ = measure(lambda: time.sleep(0.03), cpu, baseline=lambda: time.sleep(0.03), budget_s=0.05)
+    assert slow.reps == base.reps == 5
+    fast, _, _ = measure(lambda: None, cpu, budget_s=0.01, rel=1.0)  # settled at once: stops at min_reps
+    assert fast.reps == 25
+
+
 def test_train_help_is_fast_and_shows_defaults():
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", "import sys, grit_models.train as t; "
