@@ -2,7 +2,7 @@
 
     python -m bench                      # CPU: representative rows per op, ~1.5 min on 2 cores
                                          # GPU: the GPU suites at full size
-    python -m bench --full               # the full sweep (CPU: ~15 min on 2 cores)
+    python -m bench --full               # the full sweep (CPU: ~25 min on 2 cores)
     python -m bench --quick              # small shapes and short timing, on any device
     python -m bench --suite mean_pool    # one suite (repeatable)
     python -m bench --out DIR            # where results.json and results.png go (bench/out)
@@ -40,7 +40,7 @@ SUITES = ["mean_pool", "attention", "attention_kvcache", "contrastive_loss", "mo
 # ETA's prior for suites not started yet; a running suite's ETA uses its own pace.
 CPU_SECONDS = {
     "quick": dict(mean_pool=7, attention=14, attention_kvcache=4, contrastive_loss=7, moe=4, model=55, training=4),
-    "full": dict(mean_pool=5, attention=20, attention_kvcache=8, contrastive_loss=8, moe=15, model=750, training=60),
+    "full": dict(mean_pool=5, attention=20, attention_kvcache=8, contrastive_loss=8, moe=15, model=1400, training=60),
 }
 
 
