@@ -216,7 +216,10 @@ class KVCache(nn.Module):
         buffers and attend causally over everything each row holds -> (B, S, Hq, Dh)."""
         kc, vc = self.layer(layer)
         lengths = self._lengths_on(kc.device)
-        if self._bound is not None and self._bound + q_BSHD.shape[1] <= self.max_len:
+        # Compiled code leaves the host bound alone: a guard on its value would recompile the
+        # step for every token (and the op checks nothing while traced anyway).
+        if not torch.compiler.is_compiling() and self._bound is not None \
+                and self._bound + q_BSHD.shape[1] <= self.max_len:
             lengths_fit(lengths, self.max_len, q_BSHD.shape[1])
         return grit_kernels.attention_with_kvcache(q_BSHD, kc, vc, lengths,
                                                    k=k_BSHD.contiguous(), v=v_BSHD.contiguous(), causal=True,
@@ -227,7 +230,9 @@ class KVCache(nn.Module):
         self.seqlens += n
         for t in self._mirrors.values():
             t += n
-        if self._bound is not None:
+        if torch.compiler.is_compiling():
+            self._bound = None  # not tracked by compiled steps (see attend): unknown from here on
+        elif self._bound is not None:
             self._bound += n
 
     def set_lengths(self, lengths) -> None:

@@ -46,8 +46,16 @@ def test_decode_step_compiles_fullgraph(model):
 
         compiled = torch.compile(step, fullgraph=True)
         tokens = torch.tensor([[4], [6]])
-        for _ in range(3):  # the cache's lengths advance inside the graph
-            want, got = step(tokens, eager_cache), compiled(tokens, comp_cache)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-            tokens = model.logits(want[:, 0]).argmax(-1)[:, None]
+        # One graph for every token: a guard on host state that changes per step (the cache's
+        # host bound once did) would recompile each step and, past the limit, fail.
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(3):  # the cache's lengths advance inside the graph
+                want, got = step(tokens, eager_cache), compiled(tokens, comp_cache)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+                tokens = model.logits(want[:, 0]).argmax(-1)[:, None]
     assert comp_cache.seqlens.tolist() == eager_cache.seqlens.tolist() == [8, 8]
+    # Compiled steps do not track the host bound: it is unknown afterwards (no wrong vouch),
+    # and an eager step after them checks the lengths itself.
+    assert comp_cache._bound is None
+    with torch.no_grad():
+        torch.testing.assert_close(step(tokens, comp_cache), step(tokens, eager_cache), atol=1e-5, rtol=1e-5)
