@@ -14,6 +14,9 @@
   text (max_length=None), so that every mode sees the same tokens.
 * generate: tokens/s of ``generate`` vs transformers' ``generate``, greedy, batch of prompts
   of different lengths (left padded), every row forced to the full length.
+* generate compiled (CPU): the same, decode through torch.compile (``cache_implementation=
+  "static"`` with a transformers ``CompileConfig``), against transformers' default generate
+  (which compiles only on accelerators) and against our eager decode.
 * generate graph (GPU): decode captured as a CUDA graph (``cache_implementation="static"``)
   against eager decode and against transformers' ``generate``, batch 1 and 16, on
   GritLM-7B-shaped layers with random weights.
@@ -228,6 +231,20 @@ def cases(device: torch.device, quick: bool):
         baseline=lambda: ref.model.generate(**inputs, **gen),
         baseline_name="transformers generate", extra=dict(new_tokens=B * n_new),
     ))
+    if device.type == "cpu":
+        # 3b. decode compiled (static cache + transformers' compile_config opt-in; on a GPU
+        # 'static' is the CUDA-graph row below), against transformers' default generate and
+        # against our eager decode. The first call (not timed) compiles: about 7 s here.
+        from transformers import CompileConfig
+
+        cc = CompileConfig(fullgraph=True, mode="default")
+        shape = f"B={B} prompt={inputs['input_ids'].shape[1]} new={n_new} {dims} mistral"
+        def compiled():
+            return ours.generate(**inputs, cache_implementation="static", compile_config=cc, **gen)
+        for base, name in ((lambda: ref.model.generate(**inputs, **gen), "transformers generate"),
+                           (lambda: ours.generate(**inputs, **gen), "grit_models eager")):
+            out.append(Case("model generate compiled", shape, backend + " compiled", fn=compiled, baseline=base,
+                            baseline_name=name, extra=dict(new_tokens=B * n_new)))
     # 4. the other backbones at the same size: encode and generate beside Mistral's rows
     for arch in ("llama", "qwen2"):
         bpath, _ = _checkpoint(device, quick, arch)

@@ -204,7 +204,8 @@ def _config(model, generation_config, defaults, kwargs):
                              "and beam search are)")
     if getattr(cfg, "cache_implementation", None) not in (None, "dynamic", "static"):
         raise ValueError(f"cache_implementation: {cfg.cache_implementation!r} is not supported (grit_models "
-                         "keeps its own KV cache; 'static' also decodes through a CUDA graph on a GPU)")
+                         "keeps its own KV cache; 'static' also decodes through a CUDA graph on a GPU, or "
+                         "compiled with a compile_config elsewhere)")
     cfg.validate()
     # Values transformers would accept silently but that cannot mean anything.
     if cfg.max_new_tokens is not None and (not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 0):
@@ -403,15 +404,22 @@ def generate(model: Transformer, input_ids=None, attention_mask=None, generation
         input_ids = input_ids.repeat_interleave(expand, dim=0)
     procs = _logits_processor(cfg, S, eos, device, logits_processor, prefix_allowed_tokens_fn)
     crit = _stopping_criteria(cfg, eos, device, stopping_criteria, tokenizer)
-    # A model split over several devices keeps 'static' without a graph (its layers copy the
-    # cache lengths across devices), as a CPU model does.
-    graph = (getattr(cfg, "cache_implementation", None) == "static" and model.device.type == "cuda"
-             and len({layer.attn_norm.weight.device for layer in model.layers}) == 1)
+    # 'static' keeps one cache on the model and decodes through a CUDA graph on a GPU, or
+    # through torch.compile elsewhere when the config asks for compilation (transformers'
+    # compile_config; its disable_compile wins). A model split over several devices keeps
+    # 'static' eager (its layers copy the cache lengths across devices).
+    static = getattr(cfg, "cache_implementation", None) == "static" \
+        and len({layer.attn_norm.weight.device for layer in model.layers}) == 1
+    graph = static and model.device.type == "cuda"
+    compiled = static and not graph and _compile_requested(cfg)
     cache, last = _prefill(model, rows, prefixes, cfg.max_length - S, pad if pad is not None else 0, expand,
-                           static=graph)
+                           static=graph or compiled)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    step = _graph_step(model, cache) if graph else functools.partial(_step, model, cache)
+    if graph:
+        step = _graph_step(model, cache)
+    else:
+        step = functools.partial(_compiled_step(cfg.compile_config) if compiled else _step, model, cache)
     if beams > 1:
         out = _beam_search(step, model, cache, last, input_ids, cfg, procs, crit, eos, pad, B, beams, generator)
     else:
@@ -500,6 +508,28 @@ def _prefill(model, rows, prefixes, max_new: int, pad: int, repeat: int = 1, sta
 def _step(model, cache, tokens_R):
     """One decode step: the rows' new tokens (R,) through the cache -> last hidden (R, D)."""
     return model(tokens_R[:, None], cache.seqlens.long()[:, None], cache=cache, position_bound=cache.max_len).hidden[:, 0]
+
+
+def _compile_requested(cfg) -> bool:
+    """transformers' opt-in to a compiled forward: a ``compile_config`` and no ``disable_compile``."""
+    return getattr(cfg, "compile_config", None) is not None and not getattr(cfg, "disable_compile", False)
+
+
+def _compiled_step(compile_config):
+    """``_step`` under torch.compile with a transformers CompileConfig's settings (gpt-fast's
+    compiled decode on a CPU: one call of fused kernels per token instead of a few hundred
+    eager ops). One compiled function per setting: dynamo's guards keep one graph per model
+    and static cache, which the model holds on to (``_static_cache``), so later tokens and
+    later calls of the same shape reuse it."""
+    cc = compile_config
+    options = tuple(sorted(cc.options.items())) if getattr(cc, "options", None) else None
+    return _compiled(cc.fullgraph, cc.dynamic, cc.backend, cc.mode, options)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fullgraph, dynamic, backend, mode, options):
+    return torch.compile(_step, fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode=mode,
+                         options=dict(options) if options else None)
 
 
 # cache_implementation='static' keeps one cache and its captured decode step on the model, as

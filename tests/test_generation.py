@@ -183,6 +183,31 @@ def test_what_cannot_be_honoured_is_rejected(pair, kw, match):
         ours.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=3, **kw)
 
 
+@pytest.mark.parametrize("name", ["greedy", "beams"])
+def test_compiled_static_decode_gives_the_eager_tokens_with_one_graph(pair, name):
+    """cache_implementation='static' with a compile_config (transformers' opt-in) decodes
+    through torch.compile off a GPU: the eager tokens, one compiled graph for every token and
+    for a second call of the same shape, and disable_compile still decodes eagerly."""
+    from transformers import CompileConfig
+
+    ours, _, _ = pair
+    ids, mask = left_padded()
+    kw = DETERMINISTIC[name]
+    eager = ours.generate(ids, mask, **kw)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cc = CompileConfig(backend="eager", fullgraph=True)  # dynamo's tracing without inductor's build
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first = ours.generate(ids, mask, cache_implementation="static", compile_config=cc, **kw)
+        again = ours.generate(ids, mask, cache_implementation="static", compile_config=cc, **kw)
+    assert first.tolist() == again.tolist() == eager.tolist()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.utils.counters.clear()
+    off = ours.generate(ids, mask, cache_implementation="static", compile_config=cc, disable_compile=True, **kw)
+    assert off.tolist() == eager.tolist()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["greedy", "two-eos-min-new", "beams", "top-k-1"])
 def test_cuda_graph_decode_gives_the_eager_tokens(tmp_path, name):
