@@ -601,33 +601,3 @@ def backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, 
                  *_strides3(dq, packed), slb, slh, *common),
                 PACKED=packed, BLOCK_D=BLOCK_D, **flags)
     return dq, dk, dv
-    if Sq == 0:  # keys nobody looked at
-        return dq, dk.zero_(), dv.zero_()
-    flags, left, right = _flags(q, causal, window)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    dummy = lse
-    cu_q_arg, cu_k_arg = (cu_q, cu_k) if packed else (dummy, dummy)
-    lse = lse.contiguous()
-    delta = torch.empty_like(lse)
-    block_m = 64 if not _interpret() else 32
-    _bwd_preprocess_kernel[(triton.cdiv(Sq, block_m), Hq, B)](
-        out, dout, dlse if dlse is not None else dummy, delta, cu_q_arg,
-        *_strides3(out, packed), *_strides3(dout, packed), slb, slh, Sq, D,
-        PACKED=packed, HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_D=BLOCK_D,
-    )
-    keys = (triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
-    common = (Sq, Sk, Hq // Hkv, D, scale, scale * LOG2E.value, left, right, *keys)
-    if Sk > 0:
-        _launch("dkdv", _attn_bwd_dkdv_kernel, _INTERPRET_DKDV,
-                lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), Hkv, B),
-                (q, k, v, dout, lse, delta, dk, dv, cu_q_arg, cu_k_arg,
-                 *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(dout, packed),
-                 *_strides3(dk, packed), *_strides3(dv, packed), slb, slh, *common),
-                PACKED=packed, BLOCK_D=BLOCK_D, **flags)
-    _launch("dq", _attn_bwd_dq_kernel, _INTERPRET_DQ,
-            lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), Hq, B),
-            (q, k, v, dout, lse, delta, dq, cu_q_arg, cu_k_arg,
-             *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(dout, packed),
-             *_strides3(dq, packed), slb, slh, *common),
-            PACKED=packed, BLOCK_D=BLOCK_D, **flags)
-    return dq, dk, dv
