@@ -175,7 +175,8 @@ def _check_values(q, k, cu_q, cu_k, max_q: int, max_k: int) -> tuple[int, int]:
 
 
 @_dispatch.custom_op("grit::attention", mutates_args=())
-def _attention_op(q: torch.Tensor,
+def _attention_op(
+    q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None,

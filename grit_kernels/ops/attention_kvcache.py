@@ -168,7 +168,8 @@ def lengths_fit(cache_seqlens: torch.Tensor, S_max: int, Sq_new: int) -> None:
 
 
 @_dispatch.custom_op("grit::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
-def _attention_with_kvcache_op(q: torch.Tensor,
+def _attention_with_kvcache_op(
+    q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,

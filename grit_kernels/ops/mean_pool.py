@@ -106,7 +106,8 @@ def _check_values(cu_seqlens, skip, total: int) -> None:
 
 
 @_dispatch.custom_op("grit::mean_pool", mutates_args=())
-def _mean_pool_op(hidden: torch.Tensor,
+def _mean_pool_op(
+    hidden: torch.Tensor,
     mask: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     skip: torch.Tensor | None,

@@ -229,7 +229,8 @@ _moe_route_op.register_autograd(_route_backward, setup_context=_route_setup_cont
 
 
 @_dispatch.custom_op("grit::moe_experts", mutates_args=())
-def _moe_experts_op(x: torch.Tensor,
+def _moe_experts_op(
+    x: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
     w3: torch.Tensor,
