@@ -108,7 +108,7 @@ def _decode(q, k_cache, v_cache, seqlens_k: list[int], left: int, scale: float) 
         if n == 0:
             outs.append(q.new_zeros(1, Hq, 1, D))
         elif _gemv_pays(q, n - lo):
-            outs.append(_one_query(q[b:b + 1], k_cache[b:b + 1, lo:n], v_cache[b:b + 1, lo:n], scale).transpose(1, 2))
+            outs.append(_gemv(q[b:b + 1], k_cache[b:b + 1, lo:n], v_cache[b:b + 1, lo:n], scale).transpose(1, 2))
         else:
             outs.append(_FLASH(qt[b:b + 1], kt[b:b + 1, :, lo:n], vt[b:b + 1, :, lo:n], 0.0, False, scale=scale)[0])
     return torch.cat(outs).transpose(1, 2)
@@ -129,11 +129,16 @@ def _gemv_pays(q, n: int) -> bool:
 
 def _one_query(q, k, v, scale: float) -> torch.Tensor:
     """q (R, 1, Hq, Dh) over every key of k, v (R, n, Hkv, Dh) views, n >= 1 -> (R, 1, Hq, Dh)."""
-    R, _, Hq, D = q.shape
-    Hkv = k.shape[2]
     if _gemv_pays(q, k.shape[1]):
-        qg = q.reshape(R, Hkv, Hq // Hkv, D)  # query head h reads KV head h // G
-        p = torch.softmax(torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale, dim=-1)  # (R, Hkv, G, n)
-        return torch.matmul(p, v.transpose(1, 2)).reshape(R, 1, Hq, D)
+        return _gemv(q, k, v, scale)
     o, _ = _FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, scale=scale)
     return o.transpose(1, 2)
+
+
+def _gemv(q, k, v, scale: float) -> torch.Tensor:
+    """``_one_query`` as two batched GEMVs with the softmax in between (fp32)."""
+    R, _, Hq, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(R, Hkv, Hq // Hkv, D)  # query head h reads KV head h // G
+    p = torch.softmax(torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale, dim=-1)  # (R, Hkv, G, n)
+    return torch.matmul(p, v.transpose(1, 2)).reshape(R, 1, Hq, D)
